@@ -1,0 +1,179 @@
+"""Configuration: model shape presets and training presets, as plain dataclasses.
+
+Every field of `TrainConfig` is a command-line flag of `train_low_mem.py train` (`--field=value`).
+Training presets are subclasses that change defaults only; `show_config` prints the resolved values.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Shape of a Llama/Qwen2-style decoder (T5 uses half the layers in each stack)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    vocab_size: int = 32000  # used only when no tokenizer sets it
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(128, 384, 4, 4, 2, max_position_embeddings=1024),  # tests and the CPU demo
+    "small": ModelPreset(768, 2048, 12, 12, 4),  # ~0.1B with a 32k vocabulary
+    "medium": ModelPreset(1024, 2816, 24, 16, 8),  # ~0.35B
+    "large": ModelPreset(2048, 8192, 16, 32, 8, tie_word_embeddings=False),  # ~1B
+    "3b": ModelPreset(3072, 8192, 28, 24, 8, tie_word_embeddings=False),  # ~3B, Llama-3.2-3B shape
+    "7b": ModelPreset(4096, 11008, 32, 32, 32, tie_word_embeddings=False),  # ~6.7B, Llama-2-7B shape
+}
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining defaults; with no flags this is the bundled CPU demo (synthetic Q&A, tiny model)."""
+
+    # --- run and paths ---
+    run_name: str = "demo"  # outputs go to output_dir/run_name and log_dir/run_name
+    output_dir: str = "model_save"
+    log_dir: str = "logs"
+    train_file: str = "data/demo/train.parquet"  # parquet (prompt/response or text), jsonl, or a token .bin
+    validation_file: str = "data/demo/valid.parquet"  # empty string: no evaluation
+    test_file: str = "data/demo/test.parquet"  # prompt/response rows scored by exact match at the end
+    tokenizer_dir: str = "model_save/demo_tokenizer"
+    model_file: str = ""  # where the final model goes; empty: output_dir/run_name/final
+    train_state_dir: str = ""  # where checkpoints go; empty: output_dir/run_name/checkpoints
+    finetune_from_ckp_file: str = ""  # local Hugging Face model directory to start from
+    # --- model ---
+    model_type: str = "llama"  # llama | qwen2 | t5
+    model_preset: str = "tiny"  # one of config.MODEL_PRESETS
+    disable_flash_attn: bool = False  # force PyTorch SDPA even where flash-attn 2 is importable
+    dropout: float = 0.0
+    # --- data ---
+    max_seq_len: int = 128
+    train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens
+    dataloader_buffer_size: int = 10000  # rows shuffled together when streaming parquet
+    prefetch_batches: int = 8  # batches prepared ahead by a background thread
+    strict: bool = False  # bad rows raise an error instead of being skipped and counted
+    # --- optimisation ---
+    epochs: int = 2
+    max_steps: int = 0  # optimizer steps cap; 0: no cap
+    batch_size_per_gpu: int = 32
+    gradient_accumulation_steps: int = 1
+    learn_rate: float = 3e-3  # peak learning rate
+    div_factor: float = 25.0  # warmup starts at learn_rate / div_factor
+    min_lr_ratio: float = 0.1  # cosine decays to learn_rate * min_lr_ratio
+    warmup_steps: int = 30
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | no | bf16 | fp16
+    seed: int = 42
+    # --- cadence, in optimizer steps ---
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 500
+    keep_latest_n_ckp: int = 3
+    eval_max_batches: int = 0  # cap on validation batches per eval; 0: the whole file
+    test_generation_samples: int = 200  # test_file rows answered greedily at the end; 0: skip
+    # --- monitoring ---
+    report_to: str = "tensorboard"  # tensorboard | wandb | tensorboard,wandb | none
+    wandb_project: str = "lowmem"
+    wandb_run_name: str = ""
+    # --- resume ---
+    is_keep_training: bool = False  # continue from the newest complete checkpoint of this run
+    allow_config_change: bool = False  # resume even when the config no longer matches the checkpoint
+    is_finetune: bool = False  # set by the SFT presets; informational
+
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.run_name)
+
+    def final_dir(self) -> str:
+        return self.model_file or os.path.join(self.run_dir(), "final")
+
+    def checkpoint_dir(self) -> str:
+        return self.train_state_dir or os.path.join(self.run_dir(), "checkpoints")
+
+    def logging_dir(self) -> str:
+        return os.path.join(self.log_dir, self.run_name)
+
+
+@dataclass
+class TrainConfigPretrainLarge(TrainConfig):
+    """Pretraining a ~0.1B model on a 10M-row prompt/response parquet, several GPUs."""
+
+    run_name: str = "pretrain_large"
+    train_file: str = "data/pretrain_train_10m.parquet"
+    validation_file: str = "data/pretrain_valid_100k.parquet"
+    test_file: str = ""
+    tokenizer_dir: str = "model_save/my_tokenizer"
+    model_preset: str = "small"
+    max_seq_len: int = 192
+    train_on_prompt: bool = True
+    epochs: int = 3
+    batch_size_per_gpu: int = 32
+    gradient_accumulation_steps: int = 2
+    learn_rate: float = 1e-4
+    warmup_steps: int = 1024
+    logging_steps: int = 100
+    eval_steps: int = 5000
+    eval_max_batches: int = 200
+    save_steps: int = 5000
+    test_generation_samples: int = 0
+
+
+@dataclass
+class TrainConfigSFT(TrainConfig):
+    """Supervised fine-tuning of a pretrained local model on prompt/response parquet."""
+
+    run_name: str = "sft"
+    is_finetune: bool = True
+    train_file: str = "data/sft_train.parquet"
+    validation_file: str = "data/sft_valid.parquet"
+    test_file: str = ""
+    tokenizer_dir: str = "model_save/my_tokenizer"
+    finetune_from_ckp_file: str = "model_save/pretrain_large/final"
+    model_preset: str = "small"
+    max_seq_len: int = 512
+    epochs: int = 3
+    batch_size_per_gpu: int = 16
+    gradient_accumulation_steps: int = 4
+    learn_rate: float = 5e-5
+    warmup_steps: int = 100
+    logging_steps: int = 20
+    eval_steps: int = 500
+    save_steps: int = 1000
+    test_generation_samples: int = 0
+
+
+@dataclass
+class TrainConfigSFTSmall(TrainConfigSFT):
+    """SFT on a small file (tens of thousands of rows), fits a 12 GB card."""
+
+    run_name: str = "sft_small"
+    train_file: str = "data/sft_small_train.parquet"
+    validation_file: str = "data/sft_small_valid.parquet"
+    max_seq_len: int = 384
+    batch_size_per_gpu: int = 8
+    gradient_accumulation_steps: int = 4
+    learn_rate: float = 1e-5
+    eval_steps: int = 200
+    save_steps: int = 500
+
+
+TRAIN_PRESETS: dict[str, type[TrainConfig]] = {
+    "default": TrainConfig,
+    "pretrain_large": TrainConfigPretrainLarge,
+    "sft": TrainConfigSFT,
+    "sft_small": TrainConfigSFTSmall,
+}

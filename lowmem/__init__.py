@@ -1,0 +1,1 @@
+"""Low-memory trainer for Hugging Face language models: streaming data, exact resume, Accelerate loop."""

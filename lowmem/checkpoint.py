@@ -1,0 +1,184 @@
+"""Train-state checkpoints: atomic writes, a manifest, rotation, best-by-eval, and safe loading.
+
+Layout of `<checkpoint_dir>/step_00000100/`:
+  model/            save_pretrained (safetensors) + tokenizer: loadable by plain transformers
+  ema/              the EMA weights, when EMA is on
+  optimizer.pt      optimizer state (tensors and numbers only; loaded with weights_only=True)
+  scheduler.pt      scheduler state (same)
+  rng_<rank>.pt     python, numpy, torch and CUDA RNG states of each process
+  train_state.json  step, epoch, data position, tokens seen, best metric, counters, config
+  manifest.json     every file's size; written last, so its presence marks a complete checkpoint
+Each checkpoint is written to `.tmp_step_...` and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+PREFIX, TMP_PREFIX, BEST = "step_", ".tmp_step_", "best"
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _manifest(path: str) -> dict:
+    sizes = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            sizes[os.path.relpath(full, path)] = os.path.getsize(full)
+    return sizes
+
+
+def check_free_space(directory: str, needed_bytes: int) -> None:
+    os.makedirs(directory, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise UserError(f"not enough disk space for a checkpoint in '{directory}': {free / 2**30:.2f} GiB free, "
+                        f"about {needed_bytes / 2**30:.2f} GiB needed; free space or set --train_state_dir")
+
+
+def complete_checkpoints(root: str) -> list[str]:
+    """Complete checkpoints (with a manifest), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith(PREFIX))
+    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, "manifest.json"))]
+
+
+def verify(path: str) -> None:
+    """Raise ValueError when a file listed in the manifest is missing or has another size."""
+    with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+        sizes = json.load(f)
+    for rel, size in sizes.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full) or os.path.getsize(full) != size:
+            raise ValueError(f"{rel} is missing or truncated")
+
+
+class CheckpointManager:
+    """Saves and restores the train state of every process; the main process owns the directory."""
+
+    def __init__(self, accelerator, root: str, keep_latest: int):
+        self.accelerator = accelerator
+        self.root = root
+        self.keep_latest = max(1, keep_latest)
+
+    def save(self, step: int, model, optimizer, scheduler, tokenizer, train_state: dict,
+             ema_model=None, as_best: bool = False) -> str:
+        acc = self.accelerator
+        name = f"{PREFIX}{step:08d}"
+        tmp = os.path.join(self.root, TMP_PREFIX + name[len(PREFIX):])
+        final = os.path.join(self.root, name)
+        if acc.is_main_process:
+            param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            check_free_space(self.root, param_bytes * (4 if ema_model is None else 5) + (64 << 20))
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        acc.wait_for_everyone()
+        state_dict = acc.get_state_dict(model)  # gathers sharded weights; every process must call it
+        if acc.is_main_process:
+            unwrapped = acc.unwrap_model(model)
+            unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(tmp, "model"))
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(tmp, "ema"), safe_serialization=True)
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
+                json.dump(train_state, f, indent=1)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _fsync_tree(tmp)
+            with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+                json.dump(_manifest(tmp), f, indent=1)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if as_best:
+                self._copy_best(final)
+            self._rotate()
+        acc.wait_for_everyone()
+        return final
+
+    def _copy_best(self, source: str) -> None:
+        best, tmp = os.path.join(self.root, BEST), os.path.join(self.root, ".tmp_best")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+
+    def _rotate(self) -> None:
+        for old in complete_checkpoints(self.root)[: -self.keep_latest]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_loadable(self, log) -> str | None:
+        """The newest checkpoint that verifies; broken ones are reported and passed over."""
+        for path in reversed(complete_checkpoints(self.root)):
+            try:
+                verify(path)
+                return path
+            except (ValueError, OSError, json.JSONDecodeError) as exc:
+                log(f"checkpoint {path} is unusable ({exc}); trying the previous one")
+        return None
+
+    def load(self, path: str, model, optimizer, scheduler, ema_model=None) -> dict:
+        """Restore everything saved by `save`; only safetensors and weights_only loads are used."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        weights = {}
+        model_dir = os.path.join(path, "model")
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(model_dir, name)))
+        unwrapped = acc.unwrap_model(model)
+        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+        tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
+        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+            raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        if ema_model is not None:
+            ema_weights = {}
+            for name in os.listdir(os.path.join(path, "ema")):
+                if name.endswith(".safetensors"):
+                    ema_weights.update(load_file(os.path.join(path, "ema", name)))
+            ema_model.load_state_dict(ema_weights, strict=False)
+        rng_file = os.path.join(path, f"rng_{acc.process_index}.pt")
+        if os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
+            return json.load(f)

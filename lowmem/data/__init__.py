@@ -1,0 +1,1 @@
+"""Data layer: preparation tools, tokenization, streaming readers, SFT records."""

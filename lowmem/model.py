@@ -1,0 +1,81 @@
+"""Build a model from a preset (random init) or load a local Hugging Face directory; pick attention."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from config import MODEL_PRESETS, TrainConfig
+
+from .errors import UserError
+
+MODEL_TYPES = ("llama", "qwen2", "t5")
+
+
+def attention_backend(disable_flash_attn: bool) -> str:
+    """flash-attn 2 when importable on CUDA and not disabled, else PyTorch SDPA."""
+    if not disable_flash_attn and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _hf_config(cfg: TrainConfig, vocab_size: int, special_ids: dict):
+    from transformers import LlamaConfig, Qwen2Config, T5Config
+
+    if cfg.model_preset not in MODEL_PRESETS:
+        raise UserError(f"model_preset '{cfg.model_preset}' does not exist; choose one of {', '.join(MODEL_PRESETS)}")
+    p = MODEL_PRESETS[cfg.model_preset]
+    if cfg.model_type == "t5":
+        return T5Config(
+            vocab_size=vocab_size, d_model=p.hidden_size, d_kv=p.hidden_size // p.num_heads, d_ff=p.intermediate_size,
+            num_layers=max(1, p.num_layers // 2), num_decoder_layers=max(1, p.num_layers // 2), num_heads=p.num_heads,
+            dropout_rate=cfg.dropout, feed_forward_proj="gated-gelu", tie_word_embeddings=p.tie_word_embeddings,
+            decoder_start_token_id=special_ids["pad"], **special_ids_for_config(special_ids),
+        )
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.model_type]
+    return config_cls(
+        vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
+        max_position_embeddings=max(p.max_position_embeddings, cfg.max_seq_len), rope_theta=p.rope_theta,
+        tie_word_embeddings=p.tie_word_embeddings, attention_dropout=cfg.dropout,
+        **special_ids_for_config(special_ids),
+    )
+
+
+def special_ids_for_config(special_ids: dict) -> dict:
+    return {"pad_token_id": special_ids["pad"], "eos_token_id": special_ids["eos"], "bos_token_id": special_ids.get("bos")}
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    """The model the run trains: loaded from finetune_from_ckp_file, else built from the preset."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    attn = attention_backend(cfg.disable_flash_attn)
+    if cfg.finetune_from_ckp_file:
+        path = cfg.finetune_from_ckp_file
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"finetune_from_ckp_file '{path}' is not a Hugging Face model directory (no config.json); "
+                            "pass a directory written by save_pretrained, e.g. model_save/<run>/final")
+        hf_config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
+        kwargs = {} if hf_config.is_encoder_decoder else {"attn_implementation": attn}
+        try:
+            model = auto.from_pretrained(path, use_safetensors=True, dtype=torch.float32, **kwargs)
+        except OSError as exc:
+            raise UserError(f"could not load weights from '{path}': {str(exc).splitlines()[0]} "
+                            "(only safetensors weights are loaded)") from None
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    if cfg.model_type not in MODEL_TYPES:
+        raise UserError(f"model_type '{cfg.model_type}' is not supported; choose one of {', '.join(MODEL_TYPES)}")
+    special_ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    hf_config = _hf_config(cfg, len(tokenizer), special_ids)
+    if cfg.model_type == "t5":
+        return AutoModelForSeq2SeqLM.from_config(hf_config)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

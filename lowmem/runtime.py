@@ -1,0 +1,94 @@
+"""Process-level plumbing for the loop: the Accelerator, host-side agreement between processes, signals."""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from config import TrainConfig
+
+from .errors import UserError
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision not in PRECISIONS:
+        raise UserError(f"mixed_precision '{cfg.mixed_precision}' is unknown; choose one of {', '.join(PRECISIONS)}")
+    if cfg.mixed_precision != "auto":
+        if cfg.mixed_precision in ("bf16", "fp16") and not torch.cuda.is_available() and cfg.mixed_precision == "fp16":
+            raise UserError("mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        return cfg.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [t for t in cfg.report_to.replace(" ", "").split(",") if t and t != "none"]
+    for tracker in trackers:
+        if tracker not in ("tensorboard", "wandb"):
+            raise UserError(f"report_to '{tracker}' is unknown; use tensorboard, wandb, both comma-separated, or none")
+    if "wandb" in trackers:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("report_to includes wandb but wandb is not installed; pip install wandb or drop it")
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=resolve_precision(cfg),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=cfg.run_dir(), logging_dir=cfg.log_dir),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class HostChannel:
+    """Agreement between processes on small host-side integers, over a CPU (gloo) group.
+
+    The loop asks once per optimizer step: how many label tokens and micro-batches each process has
+    and whether any process was asked to stop. Going through gloo keeps the GPU stream free of syncs.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+
+    def gather(self, values: list[int]) -> torch.Tensor:
+        """Every process's values, shape (world_size, len(values))."""
+        local = torch.tensor([values], dtype=torch.long)
+        if self.group is None:
+            return local
+        out = [torch.zeros_like(local) for _ in range(self.world_size)]
+        dist.all_gather(out, local, group=self.group)
+        return torch.cat(out)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes the optimizer step, checkpoints and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def process_memory_summary() -> str:
+    import psutil
+
+    rss = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
+    return f"host RSS {rss:.2f} GiB{gpu}"
