@@ -56,12 +56,16 @@ class TrainConfig:
     model_preset: str = "tiny"  # one of config.MODEL_PRESETS
     disable_flash_attn: bool = False  # force PyTorch SDPA even where flash-attn 2 is importable
     dropout: float = 0.0
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    torch_compile: bool = False  # compile the model (first steps are slower while it compiles)
+    use_liger_kernel: bool = False  # fused linear + cross-entropy etc. from liger-kernel when importable
     # --- data ---
     max_seq_len: int = 128
     train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens
     dataloader_buffer_size: int = 10000  # rows shuffled together when streaming parquet
     prefetch_batches: int = 8  # batches prepared ahead by a background thread
     strict: bool = False  # bad rows raise an error instead of being skipped and counted
+    trace_samples: bool = False  # log a hash of every trained sample per process (checks data order)
     # --- optimisation ---
     epochs: int = 2
     max_steps: int = 0  # optimizer steps cap; 0: no cap
@@ -72,6 +76,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to learn_rate * min_lr_ratio
     warmup_steps: int = 30
     lr_scheduler: str = "cosine"  # cosine | linear | constant
+    optimizer: str = "adamw"  # adamw | adamw_8bit | adamw_4bit (torchao) | adafactor
+    bf16_weights: bool = False  # bf16 master weights with stochastic rounding (needs torchao)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

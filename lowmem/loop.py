@@ -18,8 +18,8 @@ from .data.pipeline import TrainData
 from .demo import ensure_demo_assets
 from .errors import UserError
 from .metrics import MetricsWriter, flops_per_token, gpu_memory_gb, host_rss_gb
-from .model import build_model, count_parameters
-from .optim import build_optimizer, build_scheduler
+from .model import apply_training_options, build_model, count_parameters
+from .optim import allow_optimizer_state_types, build_optimizer, build_scheduler
 from .runtime import HostChannel, StopSignal, build_accelerator, process_memory_summary
 from .tokenizer import load_tokenizer
 
@@ -90,10 +90,11 @@ def train(cfg: TrainConfig) -> dict:
             log(f"created {made}")
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
     set_seed(cfg.seed)
-    model = build_model(cfg, tokenizer)
+    model = apply_training_options(build_model(cfg, tokenizer), cfg)
     is_enc_dec = bool(model.config.is_encoder_decoder)
     world, rank = accelerator.num_processes, accelerator.process_index
     data = TrainData(cfg, tokenizer, is_enc_dec, rank, world, pin_memory=accelerator.device.type == "cuda")
+    data.encoder.trace = cfg.trace_samples
     ga = cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(data.batches_per_epoch() / ga)
     total_steps = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -106,6 +107,7 @@ def train(cfg: TrainConfig) -> dict:
              "nonfinite_steps": 0, "fingerprint": fingerprint}
 
     if cfg.is_keep_training:
+        allow_optimizer_state_types()
         path = checkpoints.latest_loadable(log)
         if path is None:
             log(f"no complete checkpoint in {cfg.checkpoint_dir()}; starting from step 0")
@@ -131,6 +133,7 @@ def train(cfg: TrainConfig) -> dict:
 
     flop_per_token = flops_per_token(accelerator.unwrap_model(model))
     channel, stop = HostChannel(world), StopSignal()
+    trace = _open_trace(cfg, rank, resumed_step)
     running = torch.zeros((), device=accelerator.device)
     interval = {"steps": 0, "tokens": 0, "samples": 0, "real": 0, "total": 0, "start": time.time()}
     last_eval, stopped_by = None, ""
@@ -159,6 +162,7 @@ def train(cfg: TrainConfig) -> dict:
                             accelerator.backward(loss)
                             running += loss.detach() / (ga * world)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                    lr_used = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -166,10 +170,13 @@ def train(cfg: TrainConfig) -> dict:
                     state["position"] = max((b.position for b in window if b.position >= 0), default=state["position"])
                     state["tokens_seen"] += sum(b.real_tokens for b in window) * world
                     _add(interval, window, world)
+                    if trace is not None:
+                        trace.write(json.dumps({"step": state["step"], "epoch": state["epoch"],
+                                                "samples": [h for b in window for h in b.sample_hashes]}) + "\n")
                     progress.update(1)
 
                     if state["step"] % cfg.logging_steps == 0:
-                        record = _log_record(accelerator, running, grad_norm, scheduler, interval, flop_per_token, state)
+                        record = _log_record(accelerator, running, grad_norm, lr_used, interval, flop_per_token, state)
                         metrics.log(record, state["step"])
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                         running.zero_()
@@ -192,6 +199,8 @@ def train(cfg: TrainConfig) -> dict:
         progress.close()
     finally:
         stop.restore()
+        if trace is not None:
+            trace.close()
 
     if stopped_by:
         _save(checkpoints, state, last_eval, model, optimizer, scheduler, tokenizer)
@@ -229,13 +238,13 @@ def _add(interval: dict, window: list[Batch], world: int) -> None:
     interval["total"] += sum(b.total_tokens for b in window)
 
 
-def _log_record(accelerator, running, grad_norm, scheduler, interval, flop_per_token, state) -> dict:
+def _log_record(accelerator, running, grad_norm, lr, interval, flop_per_token, state) -> dict:
     """The logged step's record; the only place the loop waits for the device."""
     loss = accelerator.reduce(running.clone(), reduction="sum").item() / interval["steps"]
     elapsed = max(time.time() - interval["start"], 1e-9)
     real_tokens = interval["real"] * accelerator.num_processes
     tokens_per_sec = real_tokens / elapsed
-    record = {"epoch": state["epoch"], "loss": loss, "lr": scheduler.get_last_lr()[0],
+    record = {"epoch": state["epoch"], "loss": loss, "lr": lr,
               "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_sec,
               "samples_per_sec": interval["samples"] / elapsed,
               "real_token_fraction": interval["real"] / max(interval["total"], 1),
@@ -245,6 +254,21 @@ def _log_record(accelerator, running, grad_norm, scheduler, interval, flop_per_t
 
         record["mfu"] = tokens_per_sec * flop_per_token / (peak_flops() * accelerator.num_processes)
     return record
+
+
+def _open_trace(cfg: TrainConfig, rank: int, resumed_step):
+    """samples_rank<r>.jsonl: per optimizer step, a hash of each sample this process trained on."""
+    if not cfg.trace_samples:
+        return None
+    from .metrics import truncate_jsonl
+
+    path = os.path.join(cfg.logging_dir(), f"samples_rank{rank}.jsonl")
+    os.makedirs(cfg.logging_dir(), exist_ok=True)
+    if resumed_step is None:
+        open(path, "w").close()
+    else:
+        truncate_jsonl(path, resumed_step)
+    return open(path, "a", encoding="utf-8", buffering=1)
 
 
 def _progress(accelerator, total: int, initial: int):

@@ -79,3 +79,21 @@ def build_model(cfg: TrainConfig, tokenizer):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def apply_training_options(model, cfg: TrainConfig):
+    """Memory and speed options that change how the model runs, not what it computes."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.use_liger_kernel:
+        if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("use_liger_kernel=True needs a CUDA GPU and `pip install liger-kernel`; drop the flag on CPU")
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    if cfg.bf16_weights:
+        model.to(torch.bfloat16)
+    if cfg.torch_compile:
+        model.compile()  # in place: parameter names stay those of the plain model
+    return model

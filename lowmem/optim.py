@@ -10,6 +10,7 @@ from config import TrainConfig
 from .errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_4bit", "adafactor")
 
 
 def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -32,15 +33,44 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA); no weight decay on biases and norms."""
+    """The configured optimizer; no weight decay on biases and norms.
+
+    adamw: torch AdamW, fused on CUDA, fp32 states (with bf16_weights: torchao's AdamW with bf16
+    stochastic rounding). adamw_8bit / adamw_4bit: torchao's compact states. adafactor: as in the
+    original trainer but with relative_step=False, so learn_rate and the schedule take effect.
+    """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer '{cfg.optimizer}' is unknown; choose one of {', '.join(OPTIMIZERS)}")
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = any(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.learn_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             fused=on_cuda or None)
+    adam = {"lr": cfg.learn_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=cfg.learn_rate, relative_step=False, scale_parameter=False, warmup_init=False)
+    if cfg.optimizer == "adamw" and not cfg.bf16_weights:
+        on_cuda = any(p.is_cuda for p in decay + no_decay)
+        return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
+    try:
+        from torchao import optim as ao_optim
+    except ImportError:
+        raise UserError(f"optimizer={cfg.optimizer} with bf16_weights={cfg.bf16_weights} needs torchao; "
+                        "pip install torchao, or use --optimizer=adamw --bf16_weights=False") from None
+    cls = {"adamw": ao_optim._AdamW, "adamw_8bit": ao_optim.AdamW8bit, "adamw_4bit": ao_optim.AdamW4bit}[cfg.optimizer]
+    return cls(groups, bf16_stochastic_round=cfg.bf16_weights, **adam)
+
+
+def allow_optimizer_state_types() -> None:
+    """Let weights_only loading accept torchao's compact optimizer-state tensors."""
+    try:
+        from torchao.optim.subclass_4bit import OptimState4bit
+        from torchao.optim.subclass_8bit import OptimState8bit
+    except ImportError:
+        return
+    torch.serialization.add_safe_globals([OptimState8bit, OptimState4bit])
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):

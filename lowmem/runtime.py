@@ -17,8 +17,10 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 def resolve_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision not in PRECISIONS:
         raise UserError(f"mixed_precision '{cfg.mixed_precision}' is unknown; choose one of {', '.join(PRECISIONS)}")
+    if cfg.bf16_weights:
+        return "no"  # the weights themselves are bf16; autocast would add nothing
     if cfg.mixed_precision != "auto":
-        if cfg.mixed_precision in ("bf16", "fp16") and not torch.cuda.is_available() and cfg.mixed_precision == "fp16":
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError("mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
         return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -38,6 +40,7 @@ def build_accelerator(cfg: TrainConfig):
         if importlib.util.find_spec("wandb") is None:
             raise UserError("report_to includes wandb but wandb is not installed; pip install wandb or drop it")
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun all believe they are rank 0
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=resolve_precision(cfg),
         log_with=trackers or None,

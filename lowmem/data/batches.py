@@ -25,6 +25,7 @@ class Batch:
     total_tokens: int  # input positions including padding
     position: int  # this process's sample position in the epoch after this batch
     samples: int
+    sample_hashes: list[str] = field(default_factory=list)  # filled only when tracing
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SampleEncoder:
     train_on_prompt: bool = False
     strict: bool = False
     source: str = ""
+    trace: bool = False  # hash each sample's tokens so tests can check the data order
     counts: Counter = field(default_factory=Counter)
 
     def _skip(self, reason: str, position: int):
@@ -73,7 +75,13 @@ class SampleEncoder:
         return {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
 
 
-def collate(encoded: list[dict], pad_id: int, is_encoder_decoder: bool, position: int) -> Batch:
+def sample_hash(ids: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.md5(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def collate(encoded: list[dict], pad_id: int, is_encoder_decoder: bool, position: int, trace: bool = False) -> Batch:
     """Pad to the longest sample of the batch."""
     width = max(len(e["input_ids"]) for e in encoded)
     n = len(encoded)
@@ -90,7 +98,8 @@ def collate(encoded: list[dict], pad_id: int, is_encoder_decoder: bool, position
     real = int(attention.sum())
     return Batch({"input_ids": input_ids, "attention_mask": attention, "labels": labels},
                  label_tokens=int((counted != IGNORE_INDEX).sum()), real_tokens=real,
-                 total_tokens=input_ids.numel(), position=position, samples=n)
+                 total_tokens=input_ids.numel(), position=position, samples=n,
+                 sample_hashes=[sample_hash(e["input_ids"]) for e in encoded] if trace else [])
 
 
 def batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, batch_size: int,
@@ -104,10 +113,10 @@ def batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, ba
             continue
         pending.append(encoded)
         if len(pending) == batch_size:
-            yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1)
+            yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1, encoder.trace)
             pending = []
     if pending:
-        yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1)
+        yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1, encoder.trace)
 
 
 def dummy_batch(pad_id: int) -> Batch:
@@ -126,6 +135,7 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._pin = pin_memory
+        self._finished = False
         self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True)
         self._thread.start()
 
@@ -153,8 +163,11 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
+        if self._finished:
+            raise StopIteration
         item = self._queue.get()
         if item is self._DONE:
+            self._finished = True
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
