@@ -85,6 +85,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | no | bf16 | fp16
     seed: int = 42
+    skip_nonfinite: bool = True  # skip steps whose gradient norm is inf/nan (one host sync per optimizer step)
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     # --- cadence, in optimizer steps ---
     logging_steps: int = 10
     eval_steps: int = 100

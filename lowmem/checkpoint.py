@@ -95,11 +95,17 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.root = root
         self.keep_latest = max(1, keep_latest)
+        self.last_saved_step = -1
 
     def save(self, step: int, model, optimizer, scheduler, tokenizer, train_state: dict,
              ema_model=None, as_best: bool = False) -> str:
         acc = self.accelerator
         name = f"{PREFIX}{step:08d}"
+        if step == self.last_saved_step:  # e.g. the end of the last epoch is also the end of training
+            if as_best and acc.is_main_process:
+                self._copy_best(os.path.join(self.root, name))
+            acc.wait_for_everyone()
+            return os.path.join(self.root, name)
         tmp = os.path.join(self.root, TMP_PREFIX + name[len(PREFIX):])
         final = os.path.join(self.root, name)
         if acc.is_main_process:
@@ -123,14 +129,18 @@ class CheckpointManager:
         acc.wait_for_everyone()
         if acc.is_main_process:
             _fsync_tree(tmp)
+            sizes = _manifest(tmp)
             with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-                json.dump(_manifest(tmp), f, indent=1)
+                json.dump(sizes, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if as_best:
                 self._copy_best(final)
             self._rotate()
         acc.wait_for_everyone()
+        self.last_saved_step = step
         return final
 
     def _copy_best(self, source: str) -> None:
@@ -144,15 +154,18 @@ class CheckpointManager:
         for old in complete_checkpoints(self.root)[: -self.keep_latest]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def latest_loadable(self, log) -> str | None:
-        """The newest checkpoint that verifies; broken ones are reported and passed over."""
+    def restore_latest(self, model, optimizer, scheduler, log, ema_model=None) -> tuple[str | None, dict | None]:
+        """Load the newest checkpoint that verifies and loads; broken ones are reported and passed over."""
+        import pickle
+
         for path in reversed(complete_checkpoints(self.root)):
             try:
                 verify(path)
-                return path
-            except (ValueError, OSError, json.JSONDecodeError) as exc:
-                log(f"checkpoint {path} is unusable ({exc}); trying the previous one")
-        return None
+                return path, self.load(path, model, optimizer, scheduler, ema_model)
+            except (ValueError, OSError, RuntimeError, KeyError, json.JSONDecodeError, pickle.UnpicklingError) as exc:
+                log(f"checkpoint {path} is unusable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "trying the previous one")
+        return None, None
 
     def load(self, path: str, model, optimizer, scheduler, ema_model=None) -> dict:
         """Restore everything saved by `save`; only safetensors and weights_only loads are used."""

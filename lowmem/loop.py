@@ -17,6 +17,10 @@ from .data.batches import Batch, dummy_batch
 from .data.pipeline import TrainData
 from .demo import ensure_demo_assets
 from .errors import UserError
+
+
+class TrainingHalted(UserError):
+    """The run cannot go on (e.g. the loss diverged); nothing was saved after the last good checkpoint."""
 from .metrics import MetricsWriter, flops_per_token, gpu_memory_gb, host_rss_gb
 from .model import apply_training_options, build_model, count_parameters
 from .optim import allow_optimizer_state_types, build_optimizer, build_scheduler
@@ -104,15 +108,15 @@ def train(cfg: TrainConfig) -> dict:
     checkpoints = CheckpointManager(accelerator, cfg.checkpoint_dir(), cfg.keep_latest_n_ckp)
     fingerprint = {name: getattr(cfg, name) for name in EXACTNESS_FIELDS} | {"world_size": world}
     state = {"step": 0, "epoch": 0, "position": 0, "tokens_seen": 0, "best_eval_loss": None,
-             "nonfinite_steps": 0, "fingerprint": fingerprint}
+             "nonfinite_steps": 0, "nonfinite_total": 0, "fingerprint": fingerprint}
 
     if cfg.is_keep_training:
-        allow_optimizer_state_types()
-        path = checkpoints.latest_loadable(log)
+        if cfg.optimizer != "adamw" or cfg.bf16_weights:
+            allow_optimizer_state_types()
+        path, saved = checkpoints.restore_latest(model, optimizer, scheduler, log)
         if path is None:
-            log(f"no complete checkpoint in {cfg.checkpoint_dir()}; starting from step 0")
+            log(f"no usable checkpoint in {cfg.checkpoint_dir()}; starting from step 0")
         else:
-            saved = checkpoints.load(path, model, optimizer, scheduler)
             changed = {k: (saved["fingerprint"].get(k), v) for k, v in fingerprint.items() if saved["fingerprint"].get(k) != v}
             if changed and not cfg.allow_config_change:
                 raise UserError(f"resume refused: {', '.join(f'{k} was {a!r}, now {b!r}' for k, (a, b) in changed.items())}; "
@@ -163,7 +167,19 @@ def train(cfg: TrainConfig) -> dict:
                             running += loss.detach() / (ga * world)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                     lr_used = scheduler.get_last_lr()[0]
-                    optimizer.step()
+                    if cfg.skip_nonfinite and not math.isfinite(float(grad_norm)):  # the step's one host sync
+                        state["nonfinite_steps"] += 1
+                        state["nonfinite_total"] = state.get("nonfinite_total", 0) + 1
+                        metrics.log({"nonfinite_steps": state["nonfinite_steps"], "grad_norm": float(grad_norm)},
+                                    state["step"] + 1)
+                        if state["nonfinite_steps"] >= cfg.max_nonfinite_steps:
+                            raise TrainingHalted(
+                                f"{state['nonfinite_steps']} optimizer steps in a row had a non-finite loss or "
+                                f"gradient (last at step {state['step'] + 1}); stopped without saving. The last good "
+                                f"checkpoint in {cfg.checkpoint_dir()} is intact: lower --learn_rate or check the data")
+                    else:
+                        state["nonfinite_steps"] = 0
+                        optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
@@ -181,11 +197,13 @@ def train(cfg: TrainConfig) -> dict:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                         running.zero_()
                         interval.update(steps=0, tokens=0, samples=0, real=0, total=0, start=time.time())
+                    best = False
                     if data.validation is not None and state["step"] % cfg.eval_steps == 0:
                         last_eval = evaluate(model, data, accelerator, is_enc_dec, cfg.eval_max_batches)
                         metrics.log({"epoch": state["epoch"], **last_eval}, state["step"])
-                    if state["step"] % cfg.save_steps == 0:
-                        _save(checkpoints, state, last_eval, model, optimizer, scheduler, tokenizer)
+                        best = _is_new_best(state, last_eval)
+                    if best or state["step"] % cfg.save_steps == 0:
+                        _save(checkpoints, state, model, optimizer, scheduler, tokenizer, as_best=best)
                     if stop.requested:
                         continue  # agreed on at the top of the next window
             finally:
@@ -195,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
             if not (cfg.max_steps and state["step"] >= cfg.max_steps):
                 state["epoch"] += 1
                 state["position"] = 0
-                _save(checkpoints, state, last_eval, model, optimizer, scheduler, tokenizer)
+                _save(checkpoints, state, model, optimizer, scheduler, tokenizer)
         progress.close()
     finally:
         stop.restore()
@@ -203,14 +221,17 @@ def train(cfg: TrainConfig) -> dict:
             trace.close()
 
     if stopped_by:
-        _save(checkpoints, state, last_eval, model, optimizer, scheduler, tokenizer)
+        _save(checkpoints, state, model, optimizer, scheduler, tokenizer)
         log(f"stopped by {stopped_by} after step {state['step']}; checkpoint written, resume with --is_keep_training=True")
         accelerator.end_training()
         return {"stopped": True, **state}
     if data.validation is not None:
         last_eval = evaluate(model, data, accelerator, is_enc_dec, cfg.eval_max_batches)
         metrics.log({"epoch": state["epoch"], **last_eval}, state["step"])
-    _save(checkpoints, state, last_eval, model, optimizer, scheduler, tokenizer)
+    _save(checkpoints, state, model, optimizer, scheduler, tokenizer, as_best=bool(last_eval) and _is_new_best(state, last_eval))
+    if not all(torch.isfinite(p).all() for p in accelerator.unwrap_model(model).parameters()):
+        raise TrainingHalted("the model has non-finite weights; it was not exported. Resume from an earlier "
+                             "checkpoint with a lower --learn_rate")
     export_final(accelerator, model, tokenizer, cfg, cfg.final_dir())
     summary = {"step": state["step"], "final_dir": cfg.final_dir(), **(last_eval or {})}
     if cfg.test_file and cfg.test_generation_samples and accelerator.is_main_process:
@@ -224,11 +245,17 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _save(checkpoints, state, last_eval, model, optimizer, scheduler, tokenizer) -> None:
-    is_best = bool(last_eval) and (state["best_eval_loss"] is None or last_eval["eval_loss"] < state["best_eval_loss"])
-    if is_best:
-        state["best_eval_loss"] = last_eval["eval_loss"]
-    checkpoints.save(state["step"], model, optimizer, scheduler, tokenizer, dict(state), as_best=is_best)
+def _is_new_best(state: dict, result: dict) -> bool:
+    """Record a finite eval loss lower than the best so far; a non-finite one is never best."""
+    loss = result["eval_loss"]
+    if not math.isfinite(loss) or (state["best_eval_loss"] is not None and loss >= state["best_eval_loss"]):
+        return False
+    state["best_eval_loss"] = loss
+    return True
+
+
+def _save(checkpoints, state, model, optimizer, scheduler, tokenizer, as_best: bool = False) -> None:
+    checkpoints.save(state["step"], model, optimizer, scheduler, tokenizer, dict(state), as_best=as_best)
 
 
 def _add(interval: dict, window: list[Batch], world: int) -> None:

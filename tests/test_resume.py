@@ -1,0 +1,198 @@
+"""Exact resume: SIGKILL and SIGTERM mid-run, one and two processes, epoch boundaries, broken checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config
+
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 os.path.join(REPO, "accelerate_configs", "cpu.yaml")]
+
+
+def losses(cfg) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl")) if "loss" in r}
+
+
+def weights(cfg) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(cfg.final_dir(), "model.safetensors"))
+
+
+def start(cfg, launcher=None) -> subprocess.Popen:
+    command = (launcher or [sys.executable]) + [os.path.join(REPO, "train_low_mem.py"), "train", *flags(cfg)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def wait_for_step(cfg, proc, step: int, timeout: float = 300) -> None:
+    path = os.path.join(cfg.logging_dir(), "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                steps = [json.loads(l).get("step", 0) for l in f if l.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def assert_same_run(reference, resumed, after_step: int) -> None:
+    ref, got = losses(reference), losses(resumed)
+    assert sorted(got) == sorted(ref)  # every step logged exactly once, none lost
+    for step in ref:
+        if step > after_step:
+            assert got[step] == ref[step], f"step {step}: {got[step]!r} != {ref[step]!r}"  # bitwise on CPU
+    wa, wb = weights(reference), weights(resumed)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture
+def run_cfgs(tmp_path, tokenizer_dir, qa_files):
+    def make(name, **overrides):
+        base = dict(epochs=2, save_steps=4, keep_latest_n_ckp=3, validation_file="", dropout=0.1, trace_samples=True)
+        return tiny_config(tmp_path / name, tokenizer_dir, qa_files, **{**base, **overrides})
+    return make
+
+
+def resume(cfg, launcher=None):
+    result = cli(["train", *flags(cfg), "--is_keep_training=True"], launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_sigkill_then_resume_is_bitwise_identical(run_cfgs):
+    reference = run_cfgs("a")
+    run_in_process(reference)
+    killed = run_cfgs("b")
+    proc = start(killed)
+    wait_for_step(killed, proc, 29)  # inside epoch 0 (30 steps/epoch), past the checkpoint at 28
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(losses(killed)) >= 29
+    result = resume(killed)
+    assert "resumed from" in result.stdout
+    assert_same_run(reference, killed, after_step=28)
+    # the data order continues exactly: same samples per step as the uninterrupted run
+    trace_a = {r["step"]: r["samples"] for r in read_jsonl(os.path.join(reference.logging_dir(), "samples_rank0.jsonl"))}
+    trace_b = {r["step"]: r["samples"] for r in read_jsonl(os.path.join(killed.logging_dir(), "samples_rank0.jsonl"))}
+    assert trace_a == trace_b
+
+
+def test_sigterm_checkpoints_at_once_and_resumes_twice(run_cfgs):
+    reference = run_cfgs("a")
+    run_in_process(reference)
+    cfg = run_cfgs("b", save_steps=1000)  # only the signal and epoch ends write checkpoints
+    for stop_at in (9, 41):  # mid-epoch 0, then mid-epoch 1 after a resume
+        proc = start(cfg) if stop_at == 9 else start_resumed(cfg)
+        wait_for_step(cfg, proc, stop_at)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        assert "stopped by SIGTERM" in out
+        last_logged = max(losses(cfg))
+        ckpts = sorted(n for n in os.listdir(cfg.checkpoint_dir()) if n.startswith("step_"))
+        assert ckpts[-1] == f"step_{last_logged:08d}"  # no lost steps
+    resume(cfg)
+    assert_same_run(reference, cfg, after_step=0)
+
+
+def start_resumed(cfg):
+    import dataclasses
+
+    return start(dataclasses.replace(cfg, is_keep_training=True))
+
+
+def test_two_process_sigterm_on_one_worker_resumes_exactly(run_cfgs):
+    reference = run_cfgs("a", epochs=1, batch_size_per_gpu=4)
+    ref = cli(["train", *flags(reference)], launcher=TWO_PROCESSES)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cfg = run_cfgs("b", epochs=1, batch_size_per_gpu=4, save_steps=1000)
+    proc = start(cfg, launcher=TWO_PROCESSES)
+    wait_for_step(cfg, proc, 12)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train_low_mem.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGTERM)  # one process only: all stop together
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    resume(cfg, launcher=TWO_PROCESSES)
+    assert_same_run(reference, cfg, after_step=0)
+    for rank in (0, 1):
+        a = read_jsonl(os.path.join(reference.logging_dir(), f"samples_rank{rank}.jsonl"))
+        b = read_jsonl(os.path.join(cfg.logging_dir(), f"samples_rank{rank}.jsonl"))
+        assert a == b
+
+
+def test_truncated_checkpoint_falls_back_and_rotation_keeps_n(run_cfgs):
+    cfg = run_cfgs("a", epochs=1, keep_latest_n_ckp=2, validation_file=run_cfgs("x").train_file, eval_steps=5,
+                   dropout=0.0)
+    run_in_process(cfg)
+    names = sorted(os.listdir(cfg.checkpoint_dir()))
+    assert names == ["best", "step_00000028", "step_00000030"]
+    newest = os.path.join(cfg.checkpoint_dir(), "step_00000030", "model", "model.safetensors")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    import dataclasses
+
+    more = dataclasses.replace(cfg, epochs=2, is_keep_training=True, allow_config_change=False)
+    summary = run_in_process(more)
+    assert summary["step"] == 60
+    # the resume came from step 28: steps 29 and 30 were trained again and logged once
+    assert sorted(losses(more)) == list(range(1, 61))
+
+
+def test_planted_pickle_is_not_executed(run_cfgs, tmp_path):
+    cfg = run_cfgs("a", epochs=1, max_steps=8)
+    run_in_process(cfg)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    newest = os.path.join(cfg.checkpoint_dir(), "step_00000008")
+    torch.save({"state": Evil()}, os.path.join(newest, "optimizer.pt"))
+    manifest_path = os.path.join(newest, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["optimizer.pt"] = os.path.getsize(os.path.join(newest, "optimizer.pt"))
+    json.dump(manifest, open(manifest_path, "w"))
+    import dataclasses
+
+    summary = run_in_process(dataclasses.replace(cfg, max_steps=10, is_keep_training=True))
+    assert not marker.exists()
+    assert summary["step"] == 10  # fell back to the checkpoint at step 4 and went on
+
+
+def test_changed_config_is_refused_on_resume(run_cfgs):
+    cfg = run_cfgs("a", epochs=1, max_steps=4)
+    run_in_process(cfg)
+    result = cli(["train", *flags(cfg), "--is_keep_training=True", "--batch_size_per_gpu=4", "--max_steps=6"])
+    assert result.returncode == 2
+    assert "resume refused: batch_size_per_gpu was 8, now 4" in result.stderr
+
+
+def test_diverging_run_stops_and_keeps_last_good_checkpoint(run_cfgs):
+    cfg = run_cfgs("a", epochs=1, learn_rate=1e4, warmup_steps=0, save_steps=1, max_nonfinite_steps=2,
+                   max_grad_norm=0.0, dropout=0.0)
+    result = cli(["train", *flags(cfg)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "non-finite" in result.stderr and "Traceback" not in result.stderr
+    records = read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl"))
+    assert any(r.get("nonfinite_steps") for r in records)
+    assert not os.path.exists(cfg.final_dir())
+    from lowmem.checkpoint import complete_checkpoints, verify
+
+    last = complete_checkpoints(cfg.checkpoint_dir())[-1]
+    verify(last)
