@@ -6,7 +6,8 @@ Training presets are subclasses that change defaults only; `show_config` prints 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,9 +64,19 @@ class TrainConfig:
     max_seq_len: int = 128
     train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens
     dataloader_buffer_size: int = 10000  # rows shuffled together when streaming parquet
+    packing: bool = False  # several samples per row (no attention across them): no padding waste
     prefetch_batches: int = 8  # batches prepared ahead by a background thread
     strict: bool = False  # bad rows raise an error instead of being skipped and counted
     trace_samples: bool = False  # log a hash of every trained sample per process (checks data order)
+    # --- user-modeling SFT (train_file of records with user_id and target; see README) ---
+    ablation_config: str = "all"  # which of profile / history / context enter the prompt
+    prompt_style: str = "simple"  # simple (tagged sections) | detailed (natural language)
+    max_history_items: int = 20  # newest earlier items of the same user shown as history
+    max_samples_per_user: Optional[int] = None  # at most N samples per user; None: all
+    sample_seed: int = 42  # seed of the per-user choice
+    resample_each_epoch: bool = False  # a fresh seeded per-user choice every epoch
+    val_ratio: float = 0.0  # share held out for validation when no validation_file is given
+    split_by: str = "user"  # user (whole users held out) | latest_item (each user's latest item)
     # --- optimisation ---
     epochs: int = 2
     max_steps: int = 0  # optimizer steps cap; 0: no cap
@@ -87,6 +98,12 @@ class TrainConfig:
     seed: int = 42
     skip_nonfinite: bool = True  # skip steps whose gradient norm is inf/nan (one host sync per optimizer step)
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    use_ema: bool = False  # keep an exponential moving average of the weights; used for eval and export
+    ema_decay: float = 0.999
+    freeze_embeddings: bool = False  # train everything but the token embeddings
+    freeze_encoder: bool = False  # T5: train only the decoder
+    early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: off
+    early_stopping_threshold: float = 0.0  # an improvement must lower eval loss by more than this
     # --- cadence, in optimizer steps ---
     logging_steps: int = 10
     eval_steps: int = 100

@@ -83,6 +83,12 @@ def count_parameters(model) -> int:
 
 def apply_training_options(model, cfg: TrainConfig):
     """Memory and speed options that change how the model runs, not what it computes."""
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    if cfg.freeze_encoder:
+        if not model.config.is_encoder_decoder:
+            raise UserError("--freeze_encoder applies to encoder-decoder models (T5); use --freeze_embeddings instead")
+        model.get_encoder().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

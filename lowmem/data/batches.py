@@ -23,9 +23,10 @@ class Batch:
     label_tokens: int  # positions that count in the loss (after the causal shift)
     real_tokens: int  # non-padding input positions
     total_tokens: int  # input positions including padding
-    position: int  # this process's sample position in the epoch after this batch
+    position: int  # where this process's sample stream restarts to continue after this batch...
     samples: int
     sample_hashes: list[str] = field(default_factory=list)  # filled only when tracing
+    skip: int = 0  # ...and how many batches built from there to drop (packing builds several per chunk)
 
 
 @dataclass
@@ -117,6 +118,92 @@ def batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, ba
             pending = []
     if pending:
         yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1, encoder.trace)
+
+
+def pack_rows(encoded: list[dict], max_len: int) -> list[list[dict]]:
+    """First-fit decreasing: longest samples first, each into the first row with room for it."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(encoded[i]["input_ids"])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - n)
+    return [[encoded[i] for i in sorted(row)] for row in rows]
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int, position: int, skip: int, trace: bool = False) -> Batch:
+    """Several samples per row; position ids restart at each sample, so attention stays within it.
+
+    No attention mask is passed: transformers derives a block-diagonal causal mask (SDPA, eager) or
+    varlen boundaries (flash-attn) from the restarting position ids. Each sample's first label is
+    ignored so no token learns to predict the next sample.
+    """
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    real, hashes = 0, []
+    for i, row in enumerate(rows):
+        start = 0
+        for e in row:
+            k = len(e["input_ids"])
+            input_ids[i, start:start + k] = e["input_ids"]
+            positions[i, start:start + k] = torch.arange(k)
+            labels[i, start + 1:start + k] = e["labels"][1:]
+            start += k
+            if trace:
+                hashes.append(sample_hash(e["input_ids"]))
+        positions[i, start:] = torch.arange(width - start)  # the padding tail is a sequence of its own
+        real += start
+    return Batch({"input_ids": input_ids, "position_ids": positions, "labels": labels},
+                 label_tokens=int((labels != IGNORE_INDEX).sum()), real_tokens=real, total_tokens=n * width,
+                 position=position, samples=sum(len(r) for r in rows), sample_hashes=hashes, skip=skip)
+
+
+def packed_batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, batch_size: int,
+                        pad_id: int, max_len: int, chunk_rows: int = 8) -> Iterator[Batch]:
+    """Pack chunks of samples (about chunk_rows batches' worth of tokens) into full rows.
+
+    A chunk yields several batches; each records the chunk's start and how many of its batches are
+    done, so a resume rebuilds the same chunk and drops those.
+    """
+    budget = batch_size * max_len * chunk_rows
+    pending: list[dict] = []
+    tokens, chunk_start, position = 0, None, -1
+    for position, sample in samples:
+        chunk_start = position if chunk_start is None else chunk_start
+        encoded = encoder(sample, position)
+        if encoded is None:
+            continue
+        pending.append(encoded)
+        tokens += len(encoded["input_ids"])
+        if tokens >= budget:
+            yield from _emit_chunk(pending, encoder, batch_size, pad_id, max_len, chunk_start, position + 1)
+            pending, tokens, chunk_start = [], 0, None
+    if pending:
+        yield from _emit_chunk(pending, encoder, batch_size, pad_id, max_len, chunk_start, position + 1)
+
+
+def _emit_chunk(pending, encoder, batch_size, pad_id, max_len, chunk_start, chunk_end) -> Iterator[Batch]:
+    rows = pack_rows(pending, max_len)
+    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    for j, group in enumerate(groups):
+        last = j == len(groups) - 1
+        yield collate_packed(group, pad_id, chunk_end if last else chunk_start, 0 if last else j + 1, encoder.trace)
+
+
+def skip_batches(batches: Iterator[Batch], skip: int) -> Iterator[Batch]:
+    for i, batch in enumerate(batches):
+        if i >= skip:
+            yield batch
 
 
 def dummy_batch(pad_id: int) -> Batch:
