@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
+
+# transformers imports torchao when installed; its missing-CUDA-extension notices are noise on CPU
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

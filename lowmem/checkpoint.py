@@ -3,7 +3,9 @@
 Layout of `<checkpoint_dir>/step_00000100/`:
   model/            save_pretrained (safetensors) + tokenizer: loadable by plain transformers
   ema/              the EMA weights, when EMA is on
-  optimizer.pt      optimizer state (tensors and numbers only; loaded with weights_only=True)
+  optimizer.pt      optimizer state (tensors and numbers only; loaded with weights_only=True); under FSDP
+                    the full state gathered to the main process
+  deepspeed/state/  under DeepSpeed instead of optimizer.pt: the engine's files, one ZeRO partition per rank
   scheduler.pt      scheduler state (same)
   rng_<rank>.pt     python, numpy, torch and CUDA RNG states of each process
   train_state.json  step, epoch, data position, tokens seen, best metric, counters, config
@@ -88,6 +90,64 @@ def verify(path: str) -> None:
             raise ValueError(f"{rel} is missing or truncated")
 
 
+def sharded_kind(accelerator) -> str | None:
+    """'deepspeed' or 'fsdp' when optimizer state is sharded across processes, else None."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type)
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the real one
+
+
+def save_sharded_optimizer(accelerator, model, optimizer, directory: str) -> None:
+    """Sharded optimizer state; every process must call this.
+
+    DeepSpeed: the engine writes its own files into `deepspeed/` (each rank its ZeRO partition of the
+    fp32 master weights and Adam moments). FSDP: the full optimizer state is gathered to the main process
+    and saved as optimizer.pt, as without sharding.
+    """
+    if sharded_kind(accelerator) == "deepspeed":
+        model.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", save_latest=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # full_state_dict with cpu_offload gathers onto rank 0 only; other ranks get an empty dict
+    state = get_optimizer_state_dict(model, _torch_optimizer(optimizer),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.is_main_process:
+        torch.save(state, os.path.join(directory, "optimizer.pt"))
+
+
+def load_sharded(accelerator, path: str, model, optimizer) -> None:
+    """Weights and optimizer state saved by `save_sharded_optimizer`; every process must call this.
+
+    DeepSpeed restores the weights from its fp32 master partitions (the engine unpickles its own files,
+    so resume only from checkpoints you wrote). FSDP loads model/ and optimizer.pt on the main process
+    and broadcasts them into the shards.
+    """
+    if sharded_kind(accelerator) == "deepspeed":
+        loaded, _ = model.load_checkpoint(os.path.join(path, "deepspeed"), tag="state", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError("the DeepSpeed state in deepspeed/state is missing")
+        return
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    weights, optim_state = {}, {}
+    if accelerator.is_main_process:
+        model_dir = os.path.join(path, "model")
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(model_dir, name)))
+        optim_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, _torch_optimizer(optimizer), optim_state, options=options)
+
+
 class CheckpointManager:
     """Saves and restores the train state of every process; the main process owns the directory."""
 
@@ -109,7 +169,8 @@ class CheckpointManager:
         tmp = os.path.join(self.root, TMP_PREFIX + name[len(PREFIX):])
         final = os.path.join(self.root, name)
         if acc.is_main_process:
-            param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            # ZeRO-3 parameters are empty placeholders; ds_numel is their real size
+            param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
             check_free_space(self.root, param_bytes * (4 if ema_model is None else 5) + (64 << 20))
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -121,10 +182,13 @@ class CheckpointManager:
             tokenizer.save_pretrained(os.path.join(tmp, "model"))
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(tmp, "ema"), safe_serialization=True)
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            if sharded_kind(acc) is None:
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             with open(os.path.join(tmp, "train_state.json"), "w", encoding="utf-8") as f:
                 json.dump(train_state, f, indent=1)
+        if sharded_kind(acc) is not None:
+            save_sharded_optimizer(acc, model, optimizer, tmp)  # a collective: every process takes part
         torch.save(rng_state(), os.path.join(tmp, f"rng_{acc.process_index}.pt"))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -172,6 +236,9 @@ class CheckpointManager:
         from safetensors.torch import load_file
 
         acc = self.accelerator
+        if sharded_kind(acc) is not None:
+            load_sharded(acc, path, model, optimizer)
+            return self._load_rest(path, scheduler, ema_model)
         weights = {}
         model_dir = os.path.join(path, "model")
         for name in sorted(os.listdir(model_dir)):
@@ -183,6 +250,13 @@ class CheckpointManager:
         if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
             raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+        return self._load_rest(path, scheduler, ema_model)
+
+    def _load_rest(self, path: str, scheduler, ema_model=None) -> dict:
+        """Scheduler, EMA, RNG and train state: the same with or without sharded optimizer state."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
         scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
         if ema_model is not None:
             ema_weights = {}

@@ -39,13 +39,19 @@ def build_accelerator(cfg: TrainConfig):
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("report_to includes wandb but wandb is not installed; pip install wandb or drop it")
+    from .distributed import check_fsdp_launch, deepspeed_plugin
+
+    precision = resolve_precision(cfg)
+    check_fsdp_launch()
+    plugin = deepspeed_plugin(cfg, precision)  # None unless a deepspeed launch config or --deepspeed/--zero_stage
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun all believe they are rank 0
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=resolve_precision(cfg),
+        mixed_precision=precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=cfg.run_dir(), logging_dir=cfg.log_dir),
         step_scheduler_with_optimizer=False,
+        **({"deepspeed_plugin": plugin} if plugin is not None else {}),
     )
 
 

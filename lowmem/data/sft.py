@@ -85,12 +85,12 @@ def open_record_sources(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, l
         raise UserError(f"'{cfg.train_file}' has no usable records (skipped: {describe_skips(skips)})")
     records = build_history(records, cfg.max_history_items)
     validation = None
-    if cfg.validation_file:
-        val_records, _ = read_records(cfg.validation_file, strict=cfg.strict)
-        validation = build_history(val_records, cfg.max_history_items)
-    elif cfg.val_ratio > 0:
+    if cfg.val_ratio > 0:  # an explicit split wins over a preset's validation_file
         records, validation, report = split_train_val(records, cfg.val_ratio, cfg.split_by, cfg.seed)
         log(f"validation split by {cfg.split_by}: {report}")
+    elif cfg.validation_file:
+        val_records, _ = read_records(cfg.validation_file, strict=cfg.strict)
+        validation = build_history(val_records, cfg.max_history_items)
     train = UserRecordSource(records, cfg, tokenizer, is_encoder_decoder)
     log(f"records: skipped {describe_skips(skips)}\n{format_summary(summarize(records, train.chosen(0)))}")
     val_source = None
