@@ -43,12 +43,12 @@ class TrainConfig:
 
     # --- run and paths ---
     run_name: str = "demo"  # outputs go to output_dir/run_name and log_dir/run_name
-    output_dir: str = "model_save"
-    log_dir: str = "logs"
+    output_dir: str = "model_save"  # models and checkpoints: output_dir/run_name/{final,checkpoints}
+    log_dir: str = "logs"  # TensorBoard and metrics.jsonl: log_dir/run_name
     train_file: str = "data/demo/train.parquet"  # parquet (prompt/response or text), jsonl, or a token .bin
     validation_file: str = "data/demo/valid.parquet"  # empty string: no evaluation
     test_file: str = "data/demo/test.parquet"  # prompt/response rows scored by exact match at the end
-    tokenizer_dir: str = "model_save/demo_tokenizer"
+    tokenizer_dir: str = "model_save/demo_tokenizer"  # local tokenizer; empty: the one in finetune_from_ckp_file
     model_file: str = ""  # where the final model goes; empty: output_dir/run_name/final
     train_state_dir: str = ""  # where checkpoints go; empty: output_dir/run_name/checkpoints
     finetune_from_ckp_file: str = ""  # local Hugging Face model directory to start from
@@ -56,12 +56,12 @@ class TrainConfig:
     model_type: str = "llama"  # llama | qwen2 | t5
     model_preset: str = "tiny"  # one of config.MODEL_PRESETS
     disable_flash_attn: bool = False  # force PyTorch SDPA even where flash-attn 2 is importable
-    dropout: float = 0.0
+    dropout: float = 0.0  # attention dropout (T5: all dropout)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     torch_compile: bool = False  # compile the model (first steps are slower while it compiles)
     use_liger_kernel: bool = False  # fused linear + cross-entropy etc. from liger-kernel when importable
     # --- data ---
-    max_seq_len: int = 128
+    max_seq_len: int = 128  # tokens per sample (or per packed row); longer prompts lose their start
     train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens
     dataloader_buffer_size: int = 10000  # rows shuffled together when streaming parquet
     packing: bool = False  # several samples per row (no attention across them): no padding waste
@@ -78,43 +78,43 @@ class TrainConfig:
     val_ratio: float = 0.0  # share held out for validation when no validation_file is given
     split_by: str = "user"  # user (whole users held out) | latest_item (each user's latest item)
     # --- optimisation ---
-    epochs: int = 2
+    epochs: int = 2  # passes over the training data (alias: --max_epochs)
     max_steps: int = 0  # optimizer steps cap; 0: no cap
-    batch_size_per_gpu: int = 32
-    gradient_accumulation_steps: int = 1
+    batch_size_per_gpu: int = 32  # samples (packed rows with --packing) per process per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learn_rate: float = 3e-3  # peak learning rate
     div_factor: float = 25.0  # warmup starts at learn_rate / div_factor
     min_lr_ratio: float = 0.1  # cosine decays to learn_rate * min_lr_ratio
-    warmup_steps: int = 30
+    warmup_steps: int = 30  # optimizer steps of linear warmup
     lr_scheduler: str = "cosine"  # cosine | linear | constant
     optimizer: str = "adamw"  # adamw | adamw_8bit | adamw_4bit (torchao) | adafactor
     bf16_weights: bool = False  # bf16 master weights with stochastic rounding (needs torchao)
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    weight_decay: float = 0.01  # AdamW decay of matrices (not biases and norms)
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.95  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam denominator epsilon
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | no | bf16 | fp16
-    seed: int = 42
+    seed: int = 42  # model init, data order and dropout
     skip_nonfinite: bool = True  # skip steps whose gradient norm is inf/nan (one host sync per optimizer step)
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     use_ema: bool = False  # keep an exponential moving average of the weights; used for eval and export
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA weight of the old average per optimizer step
     freeze_embeddings: bool = False  # train everything but the token embeddings
     freeze_encoder: bool = False  # T5: train only the decoder
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: off
     early_stopping_threshold: float = 0.0  # an improvement must lower eval loss by more than this
     # --- cadence, in optimizer steps ---
-    logging_steps: int = 10
-    eval_steps: int = 100
-    save_steps: int = 500
-    keep_latest_n_ckp: int = 3
+    logging_steps: int = 10  # optimizer steps between metrics records
+    eval_steps: int = 100  # optimizer steps between evaluations (each epoch end evaluates too)
+    save_steps: int = 500  # optimizer steps between checkpoints (each epoch end saves too)
+    keep_latest_n_ckp: int = 3  # complete checkpoints kept, plus the best by eval loss
     eval_max_batches: int = 0  # cap on validation batches per eval; 0: the whole file
     test_generation_samples: int = 200  # test_file rows answered greedily at the end; 0: skip
     # --- monitoring ---
     report_to: str = "tensorboard"  # tensorboard | wandb | tensorboard,wandb | none
-    wandb_project: str = "lowmem"
-    wandb_run_name: str = ""
+    wandb_project: str = "lowmem"  # with report_to=wandb
+    wandb_run_name: str = ""  # with report_to=wandb; empty: run_name
     # --- resume ---
     is_keep_training: bool = False  # continue from the newest complete checkpoint of this run
     allow_config_change: bool = False  # resume even when the config no longer matches the checkpoint

@@ -48,11 +48,20 @@ def build_accelerator(cfg: TrainConfig):
         cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun all believe they are rank 0
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=precision,
-        log_with=trackers or None,
+        log_with=[_tracker(name, cfg) for name in trackers] or None,
         project_config=ProjectConfiguration(project_dir=cfg.run_dir(), logging_dir=cfg.log_dir),
         step_scheduler_with_optimizer=False,
         **({"deepspeed_plugin": plugin} if plugin is not None else {}),
     )
+
+
+def _tracker(name: str, cfg: TrainConfig):
+    """TensorBoard writes to log_dir/run_name; wandb logs to wandb_project under wandb_run_name."""
+    if name == "wandb":
+        from accelerate.tracking import WandBTracker
+
+        return WandBTracker(cfg.wandb_project, name=cfg.wandb_run_name or cfg.run_name)
+    return name
 
 
 class HostChannel:

@@ -73,18 +73,40 @@ def resume(cfg, launcher=None):
     return result
 
 
-def test_sigkill_then_resume_is_bitwise_identical(run_cfgs):
-    reference = run_cfgs("a")
+def token_file(tmp_path, tokenizer_dir) -> str:
+    from lowmem.data.token_file import tokenize_to_bin
+
+    docs = tmp_path / "docs.jsonl"
+    with open(docs, "w", encoding="utf-8") as f:
+        for i in range(400):
+            f.write(json.dumps({"text": f"document {i}: " + "cat dog 猫 狗 " * (i % 7 + 1)}) + "\n")
+    tokenize_to_bin(str(docs), str(tmp_path / "tokens"), tokenizer_dir, num_workers=1)
+    return str(tmp_path / "tokens.bin")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "tokens", "records_packed"])
+def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, tokenizer_dir):
+    extra = {}
+    if kind == "tokens":
+        extra = {"train_file": token_file(tmp_path, tokenizer_dir), "max_seq_len": 32}
+    elif kind == "records_packed":
+        from test_sft import write_user_records
+
+        extra = {"train_file": write_user_records(tmp_path / "users.jsonl", n_users=40, per_user=6), "packing": True,
+                 "max_samples_per_user": 4, "resample_each_epoch": True, "batch_size_per_gpu": 2, "max_seq_len": 96}
+    reference = run_cfgs("a", **extra)
     run_in_process(reference)
-    killed = run_cfgs("b")
+    steps = max(losses(reference))
+    killed = run_cfgs("b", **extra)
     proc = start(killed)
-    wait_for_step(killed, proc, 29)  # inside epoch 0 (30 steps/epoch), past the checkpoint at 28
+    kill_at = steps // 2 - 1  # inside epoch 0, just before its end; the resume crosses the epoch boundary
+    wait_for_step(killed, proc, kill_at)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert max(losses(killed)) >= 29
+    assert max(losses(killed)) < steps
     result = resume(killed)
     assert "resumed from" in result.stdout
-    assert_same_run(reference, killed, after_step=28)
+    assert_same_run(reference, killed, after_step=0)
     # the data order continues exactly: same samples per step as the uninterrupted run
     trace_a = {r["step"]: r["samples"] for r in read_jsonl(os.path.join(reference.logging_dir(), "samples_rank0.jsonl"))}
     trace_b = {r["step"]: r["samples"] for r in read_jsonl(os.path.join(killed.logging_dir(), "samples_rank0.jsonl"))}
@@ -135,8 +157,8 @@ def test_two_process_sigterm_on_one_worker_resumes_exactly(run_cfgs):
         assert a == b
 
 
-def test_truncated_checkpoint_falls_back_and_rotation_keeps_n(run_cfgs):
-    cfg = run_cfgs("a", epochs=1, keep_latest_n_ckp=2, validation_file=run_cfgs("x").train_file, eval_steps=5,
+def test_truncated_checkpoint_falls_back_and_rotation_keeps_n(run_cfgs, qa_files):
+    cfg = run_cfgs("a", epochs=1, keep_latest_n_ckp=2, validation_file=qa_files["validation_file"], eval_steps=5,
                    dropout=0.0)
     run_in_process(cfg)
     names = sorted(os.listdir(cfg.checkpoint_dir()))
