@@ -87,6 +87,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to learn_rate * min_lr_ratio
     warmup_steps: int = 30  # optimizer steps of linear warmup
     lr_scheduler: str = "cosine"  # cosine | linear | constant
+    auto_batch_size: bool = False  # CUDA: largest micro-batch that fits; accumulation keeps the global batch
+    max_gpu_memory_gb: float = 0.0  # CUDA: run as if the card had this much memory; 0: the whole card
     optimizer: str = "adamw"  # adamw | adamw_8bit | adamw_4bit (torchao) | adafactor
     bf16_weights: bool = False  # bf16 master weights with stochastic rounding (needs torchao)
     weight_decay: float = 0.01  # AdamW decay of matrices (not biases and norms)

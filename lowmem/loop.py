@@ -29,6 +29,7 @@ class TrainingHalted(UserError):
 
 def train(cfg: TrainConfig) -> dict:
     s = start_session(cfg)
+    cfg = s.cfg  # auto_batch_size may have re-split the batch
     acc, state, ga, world = s.accelerator, s.state, cfg.gradient_accumulation_steps, s.accelerator.num_processes
     channel, stop, trace = HostChannel(world), StopSignal(), _open_trace(cfg, acc.process_index, s.resumed_step)
     running = torch.zeros((), device=acc.device)  # summed loss since the last log, kept on the device
@@ -62,7 +63,7 @@ def train(cfg: TrainConfig) -> dict:
                             running += loss.detach() / (ga * world)
                     # 3. clip, then step unless the gradient is not finite
                     grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or float("inf"))
-                    lr_used = s.scheduler.get_last_lr()[0]
+                    lr_used = float(s.scheduler.get_last_lr()[0])  # torchao keeps lr as a tensor
                     if _finite_or_skip(s, grad_norm):
                         s.optimizer.step()
                         if s.ema is not None:
@@ -77,6 +78,8 @@ def train(cfg: TrainConfig) -> dict:
                         record = meter.record(acc, running, grad_norm, lr_used, state)
                         s.metrics.log(record, state["step"])
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                        if state["step"] == cfg.logging_steps and "gpu_mem_peak_gb" in record:
+                            s.log(f"peak GPU memory after {state['step']} steps: {record['gpu_mem_peak_gb']:.2f} GiB")
                         running.zero_()
                     best = False
                     if s.data.validation is not None and state["step"] % cfg.eval_steps == 0:

@@ -10,6 +10,7 @@ import torch
 
 from config import TrainConfig
 
+from .autobatch import cuda_probe, largest_fitting, limit_gpu_memory, split_global_batch
 from .checkpoint import CheckpointManager
 from .data.pipeline import TrainData
 from .demo import ensure_demo_assets
@@ -84,6 +85,10 @@ def start_session(cfg: TrainConfig) -> Session:
     steps_per_epoch = math.ceil(data.batches_per_epoch() / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     total_steps = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
+    budget = limit_gpu_memory(cfg.max_gpu_memory_gb)
+    if cfg.auto_batch_size:
+        cfg = _auto_batch(cfg, accelerator, model, tokenizer, budget)
+        data.cfg = cfg
     ema = EMA(model, cfg.ema_decay) if cfg.use_ema else None
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -105,6 +110,38 @@ def start_session(cfg: TrainConfig) -> Session:
                       resumed_step, is_enc_dec)
     session.log(_summary(session, steps_per_epoch))
     return session
+
+
+def _auto_batch(cfg: TrainConfig, accelerator, model, tokenizer, budget: int) -> TrainConfig:
+    """Pick the largest micro-batch that fits (the same on every process) and re-split the global batch."""
+    if not torch.cuda.is_available():
+        raise UserError("--auto_batch_size=True needs a CUDA GPU; set --batch_size_per_gpu yourself on CPU")
+    model.to(accelerator.device)
+    per_process = cfg.batch_size_per_gpu * cfg.gradient_accumulation_steps
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state_bytes = int(trained * _STATE_BYTES.get(cfg.optimizer, 8) + trained * (2 if cfg.bf16_weights else 4))
+    fits = cuda_probe(model, state_bytes, cfg.max_seq_len, len(tokenizer), budget)
+    with accelerator.autocast():
+        largest = largest_fitting(fits, per_process)
+    largest = _min_over_processes(accelerator, largest)
+    micro, steps = split_global_batch(per_process, largest)
+    accelerator.gradient_accumulation_steps = steps
+    accelerator.print(f"auto_batch_size: largest micro-batch that fits is {largest}; using {micro} x {steps} "
+                      f"accumulation steps = {per_process} samples per process per optimizer step")
+    return dataclasses.replace(cfg, batch_size_per_gpu=micro, gradient_accumulation_steps=steps)
+
+
+def _min_over_processes(accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], device=accelerator.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "adamw_4bit": 1, "adafactor": 0.1}
 
 
 def _resume(cfg, accelerator, checkpoints, model, optimizer, scheduler, ema, state) -> None:
@@ -145,7 +182,7 @@ def memory_plan(model, cfg: TrainConfig) -> str:
     n = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weight_bytes = 2 if cfg.bf16_weights else 4
-    state_bytes = {"adamw": 8, "adamw_8bit": 2, "adamw_4bit": 1, "adafactor": 0.1}.get(cfg.optimizer, 8)
+    state_bytes = _STATE_BYTES.get(cfg.optimizer, 8)
     gib = 2**30
     return (f"memory plan: weights {n * weight_bytes / gib:.2f} GiB, gradients {trained * weight_bytes / gib:.2f} GiB, "
             f"optimizer states {trained * state_bytes / gib:.2f} GiB (activations come on top)")

@@ -1,0 +1,92 @@
+"""Optimizer options on CPU (train, save, resume exactly) and the auto_batch_size search arithmetic."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from conftest import cli, flags, read_jsonl, run_in_process, tiny_config
+
+from lowmem.autobatch import largest_fitting, split_global_batch
+from lowmem.errors import UserError
+
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+def test_largest_fitting_against_a_fake_memory_limit():
+    for limit in (1, 2, 3, 7, 8, 33, 100):
+        calls = []
+
+        def fits(b, limit=limit):
+            calls.append(b)
+            return b * 1.5 <= limit * 1.5  # memory grows with the batch; the limit is `limit` rows
+        assert largest_fitting(fits, upper=64) == min(limit, 64)
+        assert len(calls) <= 2 * 7 + 2  # doubling then bisection: logarithmic probes
+    assert largest_fitting(lambda b: False, upper=64) == 0
+    assert largest_fitting(lambda b: True, upper=48) == 48
+
+
+@pytest.mark.parametrize("per_process, largest, expected", [
+    (32, 100, (32, 1)), (32, 12, (8, 4)), (32, 5, (4, 8)), (24, 7, (6, 4)), (7, 3, (1, 7)), (64, 64, (64, 1))])
+def test_split_global_batch_keeps_the_global_batch(per_process, largest, expected):
+    micro, steps = split_global_batch(per_process, largest)
+    assert (micro, steps) == expected and micro * steps == per_process and micro <= largest
+
+
+def test_nothing_fits_is_a_clear_error():
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        split_global_batch(8, 0)
+
+
+def test_auto_batch_size_needs_cuda_on_cpu(tmp_path, tokenizer_dir, qa_files):
+    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2)
+    result = cli(["train", *flags(cfg), "--auto_batch_size=True"])
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+CPU_OPTIONS = [("adamw", False), ("adafactor", False)]
+if HAS_TORCHAO:
+    CPU_OPTIONS += [("adamw_8bit", False), ("adamw_8bit", True), ("adamw_4bit", False)]
+
+
+@pytest.mark.parametrize("optimizer, bf16_weights", CPU_OPTIONS)
+def test_optimizer_trains_saves_and_resumes_exactly(tmp_path, tokenizer_dir, qa_files, optimizer, bf16_weights):
+    import dataclasses
+
+    common = dict(optimizer=optimizer, bf16_weights=bf16_weights, max_steps=8, save_steps=4, validation_file="",
+                  learn_rate=2e-3, warmup_steps=0)
+    whole = tiny_config(tmp_path / "a", tokenizer_dir, qa_files, **common)
+    run_in_process(whole)
+    part = tiny_config(tmp_path / "b", tokenizer_dir, qa_files, **common)
+    run_in_process(part)
+    # drop the last checkpoint and the final model: resume from step 4 and redo steps 5..8
+    import shutil
+
+    shutil.rmtree(os.path.join(part.checkpoint_dir(), "step_00000008"))
+    shutil.rmtree(part.final_dir())
+    run_in_process(dataclasses.replace(part, is_keep_training=True))
+    la = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(whole.logging_dir(), "metrics.jsonl")) if "loss" in r}
+    lb = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(part.logging_dir(), "metrics.jsonl")) if "loss" in r}
+    assert la == lb
+    assert la[8] < la[1]  # it trains
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(os.path.join(whole.final_dir(), "model.safetensors")), load_file(
+        os.path.join(part.final_dir(), "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    if bf16_weights:
+        assert all(v.dtype == torch.bfloat16 for v in wa.values())
+
+
+@pytest.mark.skipif(HAS_TORCHAO, reason="torchao is installed")
+def test_compact_optimizer_without_torchao_is_one_line(tmp_path, tokenizer_dir, qa_files):
+    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2, optimizer="adamw_8bit")
+    result = cli(["train", *flags(cfg)])
+    assert result.returncode == 2 and "needs torchao" in result.stderr
+
+
+def test_liger_kernel_on_cpu_is_one_line(tmp_path, tokenizer_dir, qa_files):
+    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2, use_liger_kernel=True)
+    result = cli(["train", *flags(cfg)])
+    assert result.returncode == 2 and "liger" in result.stderr and "Traceback" not in result.stderr
