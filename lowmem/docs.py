@@ -1,4 +1,4 @@
-"""The README's flag table, generated from config.py: `python -m lowmem.docs > flags.md`."""
+"""The README's flag table, generated from config.py: `python -m lowmem.docs --update-readme`."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,5 +39,18 @@ def flag_table() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = "<!-- flags:start -->\n", "<!-- flags:end -->"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + start + flag_table() + "\n" + end + tail)
+
+
 if __name__ == "__main__":
-    print(flag_table())
+    if "--update-readme" in sys.argv:
+        update_readme(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+    else:
+        print(flag_table())
