@@ -110,6 +110,9 @@ def save_sharded_optimizer(accelerator, model, optimizer, directory: str) -> Non
     """
     if sharded_kind(accelerator) == "deepspeed":
         model.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", save_latest=False)
+        if accelerator.is_main_process:
+            with open(os.path.join(directory, "deepspeed", "layout.json"), "w", encoding="utf-8") as f:
+                json.dump(_deepspeed_layout(accelerator), f)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -118,6 +121,32 @@ def save_sharded_optimizer(accelerator, model, optimizer, directory: str) -> Non
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if accelerator.is_main_process:
         torch.save(state, os.path.join(directory, "optimizer.pt"))
+
+
+def _deepspeed_layout(accelerator) -> dict:
+    """What a ZeRO checkpoint can only be loaded back into: the same stage on the same number of processes."""
+    if sharded_kind(accelerator) != "deepspeed":
+        return {}
+    return {"zero_stage": accelerator.state.deepspeed_plugin.zero_stage, "world_size": accelerator.num_processes}
+
+
+def check_layout(accelerator, path: str) -> None:
+    """A UserError (not a broken checkpoint to pass over) when `path` was written under another ZeRO layout."""
+    layout_file = os.path.join(path, "deepspeed", "layout.json")
+    saved = {}
+    if os.path.isfile(layout_file):
+        with open(layout_file, encoding="utf-8") as f:
+            saved = json.load(f)
+    elif os.path.isdir(os.path.join(path, "deepspeed")):
+        saved = {"zero_stage": "?", "world_size": "?"}
+    now = _deepspeed_layout(accelerator)
+    if saved != now:
+        def describe(layout):
+            return f"ZeRO stage {layout['zero_stage']} on {layout['world_size']} processes" if layout else "no DeepSpeed"
+
+        raise UserError(f"resume refused: {path} was written with {describe(saved)}, this run has {describe(now)}; "
+                        "launch with the same DeepSpeed settings and process count, or start a new run from its "
+                        "model/ with --finetune_from_ckp_file")
 
 
 def load_sharded(accelerator, path: str, model, optimizer) -> None:
@@ -236,8 +265,12 @@ class CheckpointManager:
         from safetensors.torch import load_file
 
         acc = self.accelerator
+        check_layout(acc, path)
         if sharded_kind(acc) is not None:
             load_sharded(acc, path, model, optimizer)
+            if sharded_kind(acc) == "deepspeed":
+                # loading replaced the param-group dicts DeepSpeed steps (its CPU Adam's too); schedule those
+                scheduler.optimizer = model.optimizer
             return self._load_rest(path, scheduler, ema_model)
         weights = {}
         model_dir = os.path.join(path, "model")

@@ -65,7 +65,8 @@ def load_deepspeed_json(path: str, what: str = "--deepspeed") -> dict:
         with open(resolved, encoding="utf-8") as f:
             values = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"DeepSpeed config '{path}' is not valid JSON ({str(exc).splitlines()[0]}); fix the file") from None
+        raise UserError(f"DeepSpeed config '{path}' is not valid JSON ({str(exc).splitlines()[0]}); "
+                        "fix the file") from None
     if not isinstance(values, dict):
         raise UserError(f"DeepSpeed config '{path}' must hold a JSON object; see accelerate_configs/ds_zero2.json")
     return values
@@ -133,7 +134,8 @@ def _from_launcher() -> tuple[dict, str]:
     """The DeepSpeed settings `accelerate launch` passed in the environment, as a config dict."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if path and path.lower() != "none":
-        return load_deepspeed_json(path, "deepspeed_config_file of the accelerate config"), f"'{path}' (from the accelerate config)"
+        source = f"'{path}' (from the accelerate config)"
+        return load_deepspeed_json(path, "deepspeed_config_file of the accelerate config"), source
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))  # Accelerate's own default
     ds = base_deepspeed_config(stage)
     zero = ds["zero_optimization"]
@@ -188,9 +190,11 @@ def resolve_deepspeed(cfg) -> tuple[dict | None, str]:
         return with_flags, launch_source
     if summary(wanted) != summary(from_launch):
         raise UserError(f"the accelerate config asks for DeepSpeed {summary(from_launch)} but {source} asks for "
-                        f"{summary(wanted)}; drop --deepspeed/--zero_stage/--offload_* or launch with a matching config")
+                        f"{summary(wanted)}; drop --deepspeed/--zero_stage/--offload_* or launch with a matching "
+                        "config")
     launch_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if flags["deepspeed"] and launch_file.lower() != "none" and wanted != _apply_flags(from_launch, flags, launch_source):
+    both_files = flags["deepspeed"] and launch_file.lower() != "none"
+    if both_files and wanted != _apply_flags(from_launch, flags, launch_source):
         raise UserError(f"--deepspeed={flags['deepspeed']} and the accelerate config's deepspeed_config_file "
                         f"'{launch_file}' differ; pass one of them")
     return wanted, source
@@ -216,7 +220,8 @@ def _auto_paths(node, prefix: str = ""):
             yield prefix + key
 
 
-def fill_deepspeed_config(ds_dict: dict, cfg, world_size: int, mixed_precision: str, source: str = "the DeepSpeed config") -> dict:
+def fill_deepspeed_config(ds_dict: dict, cfg, world_size: int, mixed_precision: str,
+                          source: str = "the DeepSpeed config") -> dict:
     """A copy of `ds_dict` with every "auto" the trainer owns filled from `cfg`; contradictions are UserErrors.
 
     `mixed_precision` is the resolved precision (no | bf16 | fp16), `world_size` the number of processes.
@@ -255,7 +260,8 @@ def fill_deepspeed_config(ds_dict: dict, cfg, world_size: int, mixed_precision: 
                             f"--learn_rate, --lr_scheduler); remove '{section}' from {source}")
     zero = ds.get("zero_optimization")
     if not isinstance(zero, dict):
-        raise UserError(f"{source} has no zero_optimization section; add {{\"stage\": 2}} or see accelerate_configs/ds_zero2.json")
+        raise UserError(f"{source} has no zero_optimization section; add {{\"stage\": 2}} or see "
+                        "accelerate_configs/ds_zero2.json")
     stage = _stage(ds, source)
     if stage in (None, "auto"):
         raise UserError(f"{source} has no zero_optimization.stage; write 0, 1, 2 or 3 there or pass --zero_stage")
@@ -283,6 +289,12 @@ def check_training_options(cfg, ds: dict, source: str) -> None:
     if getattr(cfg, "bf16_weights", False):
         raise UserError("--bf16_weights=True keeps bf16 master weights itself; DeepSpeed manages precision "
                         f"({source}): drop one of them")
+    if getattr(cfg, "use_ema", False) and ds.get("zero_optimization", {}).get("stage") == 3:
+        raise UserError(f"--use_ema copies the full weights, which ZeRO-3 shards ({source}); drop --use_ema or use "
+                        "ZeRO stage 2")
+    if getattr(cfg, "auto_batch_size", False):
+        raise UserError(f"--auto_batch_size probes the unsharded model on one GPU, which says nothing under DeepSpeed "
+                        f"({source}); set --batch_size_per_gpu yourself")
     if _offload_device(ds, "optimizer") != "none" and getattr(cfg, "optimizer", "adamw") != "adamw":
         raise UserError(f"an offloaded optimizer runs DeepSpeed's CPU Adam, not --optimizer={cfg.optimizer}; "
                         "use --optimizer=adamw or keep the optimizer on the GPU")

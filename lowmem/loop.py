@@ -76,6 +76,7 @@ def train(cfg: TrainConfig) -> dict:
                     # 4. log, evaluate, save on their cadences
                     if state["step"] % cfg.logging_steps == 0:
                         record = meter.record(acc, running, grad_norm, lr_used, state)
+                        record.update({f"data_{k}": v for k, v in dict(s.data.encoder.counts).items()})  # skips
                         s.metrics.log(record, state["step"])
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                         if state["step"] == cfg.logging_steps and "gpu_mem_peak_gb" in record:
@@ -133,7 +134,8 @@ def _finish(s: Session, stopped_early: bool) -> dict:
                              "checkpoint with a lower --learn_rate")
     export_final(acc, final_model, s.tokenizer, cfg, cfg.final_dir())
     summary = {"step": state["step"], "epoch": state["epoch"], "final_dir": cfg.final_dir(),
-               "stopped_early": stopped_early, "best_eval_loss": state["best_eval_loss"], **(last_eval or {})}
+               "stopped_early": stopped_early, "best_eval_loss": state["best_eval_loss"], **(last_eval or {}),
+               **{f"data_{k}": v for k, v in dict(s.data.encoder.counts).items()}}
     if cfg.test_file and cfg.test_generation_samples and acc.is_main_process:
         from .qa_eval import exact_match_on_file
 

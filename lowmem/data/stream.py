@@ -11,6 +11,7 @@ Process r of W takes global positions r, r+W, r+2W, ...: every sample goes to ex
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -73,6 +74,13 @@ class ParquetRows:
         self.num_samples = sum(self.group_rows)
         self.buffer_size = max(1, buffer_size)
         self.seed, self.shuffle = seed, shuffle
+        largest = max(self.group_rows)
+        if largest > 4 * self.buffer_size:
+            import warnings
+
+            warnings.warn(f"'{path}' has row groups of up to {largest} rows, more than dataloader_buffer_size="
+                          f"{self.buffer_size}; memory follows the row group. Rewrite it with "
+                          "`train_low_mem.py prepare convert` (10k-row groups)", stacklevel=2)
 
     def _windows(self, epoch: int) -> list[list[int]]:
         order = epoch_rng(self.seed, epoch).permutation(len(self.group_rows)) if self.shuffle else range(len(self.group_rows))
@@ -102,10 +110,13 @@ class ParquetRows:
                     order = epoch_rng(self.seed, epoch, w).permutation(n) if self.shuffle else np.arange(n)
                     table = self.pf.read_row_groups(groups, columns=list(self.columns))
                     picked = table.take(order[wanted])
-                    values = [picked.column(c).to_pylist() for c in self.columns]
-                    del table, picked
-                    for i, row in enumerate(zip(*values)):
-                        yield (lo - rank) // world + i, dict(zip(self.columns, row))
+                    del table
+                    first = (lo - rank) // world
+                    for offset in range(0, picked.num_rows, 1024):  # Python objects for 1024 rows at a time
+                        part = picked.slice(offset, 1024)
+                        values = [part.column(c).to_pylist() for c in self.columns]
+                        for i, row in enumerate(zip(*values)):
+                            yield first + offset + i, dict(zip(self.columns, row))
             window_start = window_end
 
 
@@ -125,11 +136,17 @@ class TokenWindows:
 
     def iter_shard(self, epoch: int, rank: int, world: int, start: int = 0) -> Iterator[tuple[int, dict]]:
         order = epoch_rng(self.seed, epoch).permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
-        tokens = self.file.tokens
-        for position, window in enumerate(order[rank::world][start:], start=start):
-            begin = int(window) * self.seq_len
-            ids = tokens[begin:begin + self.seq_len].astype(np.int64)
-            yield position, {"input_ids": ids}
+        itemsize = self.file.dtype.itemsize
+        nbytes = self.seq_len * itemsize
+        # pread rather than slicing the memmap: mapped pages would count in RSS and grow with the file
+        fd = os.open(self.file.path, os.O_RDONLY)
+        try:
+            for position, window in enumerate(order[rank::world][start:], start=start):
+                raw = os.pread(fd, nbytes, int(window) * nbytes)
+                ids = np.frombuffer(raw, dtype=self.file.dtype).astype(np.int64)
+                yield position, {"input_ids": ids}
+        finally:
+            os.close(fd)
 
 
 def open_source(path: str, seq_len: int, buffer_size: int, seed: int, shuffle: bool = True):
