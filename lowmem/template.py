@@ -55,17 +55,36 @@ def encode_prompt(tokenizer, messages: list[dict], is_encoder_decoder: bool = Fa
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
+_AFFIX_CACHE: dict[tuple[int, str], tuple[str, str] | None] = {}
+_SENTINEL = "\u2063RESPONSE\u2063"
+
+
+def _answer_affixes(tokenizer) -> tuple[str, str] | None:
+    """Text the template puts before and after an assistant answer, found once per tokenizer.
+
+    None when the template re-renders earlier turns (the conversation is not prompt + answer).
+    """
+    key = (id(tokenizer), tokenizer.chat_template)
+    if key not in _AFFIX_CACHE:
+        probe = [{"role": "user", "content": "hi"}]
+        prompt = render_prompt(tokenizer, probe)
+        full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
+        tail = full[len(prompt):] if full.startswith(prompt) else ""
+        _AFFIX_CACHE[key] = tuple(tail.split(_SENTINEL, 1)) if _SENTINEL in tail else None
+    return _AFFIX_CACHE[key]
+
+
 def _response_ids(tokenizer, messages: list[dict], response: str, is_encoder_decoder: bool) -> list[int]:
     if is_encoder_decoder:
         return tokenizer(response, add_special_tokens=True)["input_ids"]  # T5 appends </s>
-    prompt_text = render_prompt(tokenizer, messages)
-    full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False
-    )
-    if full_text.startswith(prompt_text):
-        tail = full_text[len(prompt_text):]
-    else:  # templates that re-render earlier turns: fall back to response plus end marker
-        tail = response + (tokenizer.eos_token or "")
+    affixes = _answer_affixes(tokenizer)
+    if affixes is not None:
+        tail = affixes[0] + response + affixes[1]
+    else:
+        prompt_text = render_prompt(tokenizer, messages)
+        full_text = tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False)
+        tail = full_text[len(prompt_text):] if full_text.startswith(prompt_text) else response + (tokenizer.eos_token or "")
     return tokenizer(tail, add_special_tokens=False)["input_ids"]
 
 
