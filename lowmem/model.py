@@ -93,6 +93,9 @@ def apply_training_options(model, cfg: TrainConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.use_liger_kernel:
+        if cfg.torch_compile:
+            raise UserError("--use_liger_kernel and --torch_compile do not combine (dynamo cannot trace liger's fused "
+                            "cross-entropy); each alone is as fast as the other on an H100 (bench/RESULTS.md): pick one")
         if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
             raise UserError("use_liger_kernel=True needs a CUDA GPU and `pip install liger-kernel`; drop the flag on CPU")
         from liger_kernel.transformers import _apply_liger_kernel_to_instance

@@ -52,7 +52,8 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
         return Adafactor(groups, lr=cfg.learn_rate, relative_step=False, scale_parameter=False, warmup_init=False)
     if cfg.optimizer == "adamw" and not cfg.bf16_weights:
-        on_cuda = any(p.is_cuda for p in decay + no_decay)
+        # built before accelerator.prepare moves the model: ask where training will run
+        on_cuda = torch.cuda.is_available() or any(p.is_cuda for p in decay + no_decay)
         return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
     try:
         from torchao import optim as ao_optim
