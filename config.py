@@ -77,6 +77,11 @@ class TrainConfig:
     resample_each_epoch: bool = False  # a fresh seeded per-user choice every epoch
     val_ratio: float = 0.0  # share held out for validation when no validation_file is given
     split_by: str = "user"  # user (whole users held out) | latest_item (each user's latest item)
+    # --- many GPUs (DeepSpeed ZeRO; see accelerate_configs/) ---
+    deepspeed: str = ""  # DeepSpeed JSON config, e.g. accelerate_configs/ds_zero3.json; its "auto" values come from the other flags
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 1-3 without a JSON file; 0: off (or what --deepspeed / the launcher says)
+    offload_optimizer: bool = False  # ZeRO: optimizer states in host RAM (DeepSpeed CPU Adam); slower, less GPU memory
+    offload_param: bool = False  # ZeRO-3: the weights in host RAM too
     # --- optimisation ---
     epochs: int = 2  # passes over the training data (alias: --max_epochs)
     max_steps: int = 0  # optimizer steps cap; 0: no cap

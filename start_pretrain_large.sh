@@ -2,6 +2,8 @@
 # Pretrain with TrainConfigPretrainLarge on this machine's GPUs.
 #   ./start_pretrain_large.sh [NUM_GPUS] [ACCELERATE_CONFIG] [extra train flags...]
 # NUM_GPUS defaults to the GPUs nvidia-smi sees; ACCELERATE_CONFIG to multi_gpu.yaml (one GPU: single_gpu.yaml).
+# ZeRO: ./start_pretrain_large.sh 8 accelerate_configs/deepspeed_zero2.yaml (or deepspeed_zero3[_offload].yaml, fsdp.yaml).
+# It asks before starting only when stdin is a terminal, so it runs unattended under nohup, cron or CI.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,6 +26,11 @@ accel_config=${1:-$default_config}
 [ $# -gt 0 ] && shift
 if [ ! -f "$accel_config" ]; then
   echo "error: accelerate config '$accel_config' not found; choose one in accelerate_configs/" >&2
+  exit 1
+fi
+# a DeepSpeed config fails deep inside accelerate without deepspeed; say so before anything starts
+if grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config" && ! python -c 'import deepspeed' >/dev/null 2>&1; then
+  echo "error: $accel_config uses DeepSpeed but deepspeed is not installed; pip install deepspeed (see requirements-gpu.txt)" >&2
   exit 1
 fi
 

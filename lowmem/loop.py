@@ -63,6 +63,8 @@ def train(cfg: TrainConfig) -> dict:
                             running += loss.detach() / (ga * world)
                     # 3. clip, then step unless the gradient is not finite
                     grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or float("inf"))
+                    if grad_norm is None:  # DeepSpeed clipped and stepped inside backward without a norm
+                        grad_norm = 0.0
                     lr_used = float(s.scheduler.get_last_lr()[0])  # torchao keeps lr as a tensor
                     if _finite_or_skip(s, grad_norm):
                         s.optimizer.step()

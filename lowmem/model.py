@@ -78,7 +78,7 @@ def build_model(cfg: TrainConfig, tokenizer):
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 params are placeholders
 
 
 def apply_training_options(model, cfg: TrainConfig):

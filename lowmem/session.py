@@ -97,6 +97,8 @@ def start_session(cfg: TrainConfig) -> Session:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        scheduler.optimizer = model.optimizer  # schedule the groups DeepSpeed steps (its CPU Adam when offloading)
     if ema is not None:
         ema.model.to(accelerator.device)
     fingerprint = {name: getattr(cfg, name) for name in EXACTNESS_FIELDS} | {"world_size": world}

@@ -90,3 +90,17 @@ def test_liger_kernel_on_cpu_is_one_line(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2, use_liger_kernel=True)
     result = cli(["train", *flags(cfg)])
     assert result.returncode == 2 and "liger" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torch_compile_keeps_the_first_losses(tmp_path, tokenizer_dir, qa_files):
+    """Compiled and eager runs agree on the first steps' losses (within bf16 tolerance) on CPU."""
+    common = dict(max_steps=3, validation_file="", warmup_steps=0, max_seq_len=32)
+    eager = tiny_config(tmp_path / "eager", tokenizer_dir, qa_files, **common)
+    compiled = tiny_config(tmp_path / "compiled", tokenizer_dir, qa_files, torch_compile=True, **common)
+    run_in_process(eager)
+    run_in_process(compiled)
+    la = [r["loss"] for r in read_jsonl(os.path.join(eager.logging_dir(), "metrics.jsonl")) if "loss" in r]
+    lb = [r["loss"] for r in read_jsonl(os.path.join(compiled.logging_dir(), "metrics.jsonl")) if "loss" in r]
+    assert len(la) == len(lb) == 3
+    for a, b in zip(la, lb):
+        assert b == pytest.approx(a, rel=8e-3)  # bf16 has 8 bits of mantissa
