@@ -145,3 +145,38 @@ def test_two_process_launch_trains_distinct_batches(tmp_path, tokenizer_dir, qa_
     assert len(seen[0]) + len(seen[1]) == 240 and len(set(seen[0]) | set(seen[1])) == 240  # each row once
     assert os.path.isfile(os.path.join(cfg.final_dir(), "model.safetensors"))
     assert not os.path.exists(os.path.join(cfg.final_dir() + ".tmp"))
+
+
+def test_t5_trains_and_exports_for_seq2seq(tmp_path, tokenizer_dir, qa_files):
+    from transformers import AutoModelForSeq2SeqLM
+
+    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, model_type="t5", max_steps=4, validation_file="")
+    summary = run_in_process(cfg)
+    assert summary["step"] == 4
+    model = AutoModelForSeq2SeqLM.from_pretrained(cfg.final_dir())
+    assert model.config.is_encoder_decoder
+    losses = [r["loss"] for r in read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl")) if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(l) for l in losses)
+
+
+def _bad_inputs(tmp_path, tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), str(tmp_path / "cols.parquet"))
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "badtok").mkdir()
+    (tmp_path / "badtok" / "tokenizer.json").write_text("{not json")
+    good = str(tmp_path / "cols.parquet")
+    return [([f"--train_file={good}", f"--tokenizer_dir={tokenizer_dir}"], "needs columns prompt+response"),
+            ([f"--train_file={tmp_path}/empty.parquet", f"--tokenizer_dir={tokenizer_dir}"], "is empty"),
+            ([f"--tokenizer_dir={tmp_path}/badtok"], "could not be read")]
+
+
+def test_bad_training_inputs_are_one_line_errors(tmp_path, tokenizer_dir):
+    for args, needle in _bad_inputs(tmp_path, tokenizer_dir):
+        result = cli(["train", *args, "--validation_file=", "--test_file=", f"--output_dir={tmp_path}/ms",
+                      f"--log_dir={tmp_path}/logs"], cwd=str(tmp_path))
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "ms")  # nothing written
