@@ -20,7 +20,7 @@ from .data.batches import Batch, dummy_batch
 from .errors import UserError
 from .metrics import flops_per_token, gpu_memory_gb, host_rss_gb
 from .runtime import HostChannel, StopSignal, process_memory_summary
-from .session import Session, load_best_into, memory_plan, start_session
+from .session import Session, load_best_into, start_session
 
 
 class TrainingHalted(UserError):

@@ -24,6 +24,18 @@ def tokenizer_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 400-token BPE trained on a few words (English and Chinese)."""
+    from lowmem.tokenizer import train_bpe_tokenizer
+
+    words = ["cat", "dog", "sun", "moon", "tree", "猫", "狗", "山", "水", "花", "river", "stone"]
+    path = str(tmp_path_factory.mktemp("words_tok") / "tokenizer")
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 9)) for i in range(600)]
+    train_bpe_tokenizer(texts, 400, path)
+    return path
+
+
 def write_qa_parquet(path, n_rows: int, seed: int = 0, row_group_size: int = 50):
     """Prompt/response rows of varied length; every row is distinct."""
     import pyarrow as pa

@@ -10,28 +10,13 @@ import torch
 from lowmem import cli_generate
 from lowmem.errors import UserError
 from lowmem.evaluate import bleu_tokenize, corpus_bleu, evaluate_loss, generation_metrics
-from lowmem.generate import GenerationOptions, generate_batch, load_for_inference
+from lowmem.generate import GenerationOptions, generate_batch
 from lowmem.template import IGNORE_INDEX, encode_example
-from test_generate import build_tiny_dirs
+from test_generate import dirs, llama, t5  # noqa: F401  (module fixtures shared with the generation tests)
 
 ROWS = [("the cat", "sat on the mat"), ("a dog ran in the park and " * 6, "猫在山上"),
         ("hello", "world, how are you"), ("What is 1 + 2?", "3"), ("倒序：书 雨 花", "花 雨 书")]
 TEXTS = ["the cat sat on the mat", "hello world, how are you " * 8, "猫在山上 狗在水里"]
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return build_tiny_dirs(tmp_path_factory.mktemp("eval_models"))
-
-
-@pytest.fixture(scope="module")
-def llama(dirs):
-    return load_for_inference(dirs["llama"])
-
-
-@pytest.fixture(scope="module")
-def t5(dirs):
-    return load_for_inference(dirs["t5"])
 
 
 def write_jsonl(path, rows: list[dict]) -> str:

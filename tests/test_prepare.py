@@ -15,16 +15,6 @@ from lowmem.errors import UserError
 WORDS = ["cat", "dog", "sun", "moon", "tree", "猫", "狗", "山", "水", "花", "river", "stone"]
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    from lowmem.tokenizer import train_bpe_tokenizer
-
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
-    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 9)) for i in range(600)]
-    train_bpe_tokenizer(texts, 400, path)
-    return path
-
-
 def qa_rows(n: int) -> list[dict]:
     return [{"q": f"question {i}: " + " ".join(WORDS[(i + j) % len(WORDS)] for j in range(i % 5 + 1)),
              "a": f"answer {i}\nsecond line, \"quoted\""} for i in range(n)]

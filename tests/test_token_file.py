@@ -20,16 +20,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["cat", "dog", "sun", "moon", "tree", "猫", "狗", "山", "水", "花", "river", "stone"]
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    from lowmem.tokenizer import train_bpe_tokenizer
-
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
-    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 9)) for i in range(600)]
-    train_bpe_tokenizer(texts, 400, path)
-    return path
-
-
 def documents(n: int, newlines: bool = True) -> list[str]:
     docs = []
     for i in range(n):
