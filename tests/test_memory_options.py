@@ -104,3 +104,26 @@ def test_torch_compile_keeps_the_first_losses(tmp_path, tokenizer_dir, qa_files)
     assert len(la) == len(lb) == 3
     for a, b in zip(la, lb):
         assert b == pytest.approx(a, rel=8e-3)  # bf16 has 8 bits of mantissa
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TORCHAO, reason="needs CUDA and torchao")
+def test_gpu_8bit_bf16_tracks_fp32_adamw(tmp_path, tokenizer_dir):
+    """The small preset, 300 steps on the same data: 8-bit AdamW with bf16 weights ends near fp32 AdamW."""
+    import json as json_module
+
+    from lowmem.data.token_file import tokenize_to_bin
+
+    docs = tmp_path / "docs.jsonl"
+    with open(docs, "w", encoding="utf-8") as f:
+        for i in range(4000):
+            f.write(json_module.dumps({"text": f"What is {i % 50} + {i % 7}? {i % 50 + i % 7}. 重复：猫 狗 山"}) + "\n")
+    tokenize_to_bin(str(docs), str(tmp_path / "tokens"), tokenizer_dir, num_workers=1)
+    files = {"train_file": str(tmp_path / "tokens.bin"), "validation_file": ""}
+    common = dict(model_preset="small", max_seq_len=256, batch_size_per_gpu=16, max_steps=300, epochs=100,
+                  learn_rate=6e-4, warmup_steps=30, logging_steps=50, mixed_precision="bf16")
+    final = {}
+    for name, extra in (("fp32", {}), ("8bit", {"optimizer": "adamw_8bit", "bf16_weights": True})):
+        cfg = tiny_config(tmp_path / name, tokenizer_dir, files, **common, **extra)
+        run_in_process(cfg)
+        final[name] = [r["loss"] for r in read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl")) if "loss" in r][-1]
+    assert final["8bit"] == pytest.approx(final["fp32"], rel=0.1), final
