@@ -6,7 +6,7 @@ Training presets are subclasses that change defaults only; `show_config` prints 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -117,6 +117,7 @@ class TrainConfig:
     save_steps: int = 500  # optimizer steps between checkpoints (each epoch end saves too)
     keep_latest_n_ckp: int = 3  # complete checkpoints kept, plus the best by eval loss
     eval_max_batches: int = 0  # cap on validation batches per eval; 0: the whole file
+    sample_prompts: list[str] = field(default_factory=list)  # prompts answered at each eval, logged as TensorBoard text
     test_generation_samples: int = 200  # test_file rows answered greedily at the end; 0: skip
     # --- monitoring ---
     report_to: str = "tensorboard"  # tensorboard | wandb | tensorboard,wandb | none

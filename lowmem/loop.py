@@ -259,12 +259,25 @@ def _evaluate_and_judge(s: Session) -> tuple[bool, bool]:
     result = evaluate(_eval_model(s), s.data, s.accelerator, s.is_encoder_decoder, s.cfg.eval_max_batches)
     s.metrics.log({"epoch": s.state["epoch"], **result}, s.state["step"])
     s.last_eval, s.last_eval_step = result, s.state["step"]
+    if s.cfg.sample_prompts and s.accelerator.is_main_process:
+        _log_samples(s)
     previous = s.state["best_eval_loss"]
     best = _is_new_best(s.state, result)
     improved = best and (previous is None or previous - result["eval_loss"] > s.cfg.early_stopping_threshold)
     s.state["evals_without_improvement"] = 0 if improved else s.state["evals_without_improvement"] + 1
     patience = s.cfg.early_stopping_patience
     return best, bool(patience) and s.state["evals_without_improvement"] >= patience
+
+
+def _log_samples(s: Session) -> None:
+    """Greedy answers to the configured sample prompts, as TensorBoard text and metrics.jsonl records."""
+    from .generate import generate_samples
+
+    model = s.accelerator.unwrap_model(_eval_model(s))
+    answers = generate_samples(model, s.tokenizer, list(s.cfg.sample_prompts), max_new_tokens=48)
+    text = "\n\n".join(f"**{p}**\n\n{a}" for p, a in zip(s.cfg.sample_prompts, answers))
+    s.metrics.log_text("samples", text, s.state["step"])
+    s.metrics.log({"samples": dict(zip(s.cfg.sample_prompts, answers))}, s.state["step"])
 
 
 def _is_new_best(state: dict, result: dict) -> bool:

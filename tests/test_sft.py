@@ -148,3 +148,22 @@ def test_bad_sft_options_are_one_line_errors(tmp_path, tokenizer_dir, flag, need
     result = cli(["train", f"--train_file={data}", f"--tokenizer_dir={tokenizer_dir}", "--validation_file=",
                   "--test_file=", f"--output_dir={tmp_path}/m", f"--log_dir={tmp_path}/l", flag])
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_finetune_from_local_dir_with_its_tokenizer_and_sample_prompts(tmp_path, tokenizer_dir, qa_files):
+    base = tiny_config(tmp_path / "base", tokenizer_dir, qa_files, max_steps=3, validation_file="")
+    run_in_process(base)
+    sft = tiny_config(tmp_path / "sft", "", qa_files, finetune_from_ckp_file=base.final_dir(), max_steps=4,
+                      freeze_embeddings=True, gradient_checkpointing=True, eval_steps=2,
+                      sample_prompts=["What is 2 + 2?", "重复：猫 狗"])
+    run_in_process(sft)
+    records = read_jsonl(os.path.join(sft.logging_dir(), "metrics.jsonl"))
+    samples = [r["samples"] for r in records if "samples" in r]
+    assert len(samples) >= 2 and set(samples[0]) == {"What is 2 + 2?", "重复：猫 狗"}
+    from safetensors.torch import load_file
+
+    before = load_file(os.path.join(base.final_dir(), "model.safetensors"))
+    after = load_file(os.path.join(sft.final_dir(), "model.safetensors"))
+    key = "model.embed_tokens.weight"
+    assert torch.equal(before[key], after[key])  # frozen
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
