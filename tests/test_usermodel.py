@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lowmem.data.usermodel import (ABLATION_SECTIONS, ABLATIONS, DETAILED_HEADERS, PROMPT_STYLES, SIMPLE_TAGS, BadRow,
-                                   Record, build_history, build_prompt, convert_prompt_response, fit_prompt,
-                                   format_summary, prompt_sections, read_records, sample_per_user, split_train_val,
-                                   summarize, to_prompt_response)
+from lowmem.data.user_prompts import (ABLATION_SECTIONS, ABLATIONS, DETAILED_HEADERS, PROMPT_STYLES, SIMPLE_TAGS,
+                                      build_prompt, fit_prompt, prompt_sections, to_prompt_response)
+from lowmem.data.usermodel import (BadRow, Record, build_history, convert_prompt_response, format_summary,
+                                   read_records, sample_per_user, split_train_val, summarize)
 from lowmem.errors import UserError
 
 

@@ -13,8 +13,9 @@ from config import TrainConfig
 from ..errors import UserError
 from ..template import build_messages, encode_prompt
 from .stream import epoch_rng
-from .usermodel import (ABLATIONS, PROMPT_STYLES, SPLIT_MODES, build_history, describe_skips, fit_prompt,
-                        format_summary, read_records, sample_per_user, split_train_val, summarize)
+from .user_prompts import ABLATIONS, PROMPT_STYLES, fit_prompt
+from .usermodel import (SPLIT_MODES, build_history, describe_skips, format_summary, read_records, sample_per_user,
+                        split_train_val, summarize)
 
 
 def is_record_file(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""User-modeling SFT records: read, build history, sample per user, split, and render prompts.
+"""User-modeling SFT records: read, build history, sample per user, split (prompts: user_prompts.py).
 
 Record schema: one JSON object per line in a .jsonl file, or one row of a .parquet file (other
 fields/columns are ignored):
@@ -41,22 +41,12 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from ..errors import UserError
 
-ABLATION_SECTIONS = {"profile_only": ("profile",), "history_only": ("history",), "context_only": ("context",),
-                     "profile_and_history": ("profile", "history"), "profile_and_context": ("profile", "context"),
-                     "history_and_context": ("history", "context"), "all": ("profile", "history", "context")}
-ABLATIONS = tuple(ABLATION_SECTIONS)
-PROMPT_STYLES = ("simple", "detailed")
 SPLIT_MODES = ("user", "latest_item")
 FIELDS = ("user_id", "target", "profile", "history", "context", "timestamp", "item_id")
-SIMPLE_TAGS = {"profile": "[PROFILE]", "history": "[HISTORY]", "context": "[CONTEXT]"}
-SIMPLE_INSTRUCTION = "Predict the user's next message:"
-DETAILED_HEADERS = {"profile": "Their profile:", "history": "Their past messages, oldest first:",
-                    "context": "The current conversation:"}
-DETAILED_INSTRUCTION = "Write the user's next message."
 SKIP_REASONS = {
     "invalid_utf8": "a line that is not valid UTF-8",
     "invalid_json": "a line that is not valid JSON",
@@ -307,74 +297,6 @@ def build_history(records: list[Record], max_history_items: int | None) -> list[
 def _check_choice(value, valid: Iterable[str], what: str) -> None:
     if value not in valid:
         raise UserError(f"unknown {what} {value!r}; valid names: {', '.join(valid)}")
-
-
-def prompt_sections(record: Record, ablation_config: str, max_history_items: int | None = None,
-                    history_limit: int | None = None) -> dict[str, list[str]]:
-    """The requested sections in prompt order as rendered lines; an empty list means no data for this record."""
-    _check_choice(ablation_config, ABLATIONS, "ablation_config")
-    _check_limit(max_history_items, "max_history_items")
-    _check_limit(history_limit, "history_limit")
-    sections: dict[str, list[str]] = {}
-    for name in ABLATION_SECTIONS[ablation_config]:
-        if name == "profile":
-            profile = record.profile
-            if isinstance(profile, Mapping):
-                sections[name] = [f"{k}: {v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)}"
-                                  for k, v in profile.items()]
-            else:
-                sections[name] = [profile] if profile and profile.strip() else []
-        elif name == "history":
-            items = _newest(_newest(record.history or [], max_history_items), history_limit)
-            sections[name] = [f"{n}. {item['text']}" for n, item in enumerate(items, 1)]
-        else:
-            sections[name] = [f"{t['role']}: {t['text']}" if t["role"] else t["text"] for t in record.context]
-    return sections
-
-
-def build_prompt(record: Record, ablation_config: str, prompt_style: str = "simple",
-                 max_history_items: int | None = None, history_limit: int | None = None) -> str:
-    """The prompt for one record; history_limit keeps only the newest items (the oldest are dropped first)."""
-    _check_choice(prompt_style, PROMPT_STYLES, "prompt_style")
-    sections = prompt_sections(record, ablation_config, max_history_items, history_limit)
-    if prompt_style == "simple":
-        parts = [f"[USER_HASH={record.user_id}]"]
-        parts += [SIMPLE_TAGS[name] + "\n" + ("\n".join(lines) or "(none)") for name, lines in sections.items()]
-        return "\n\n".join(parts + [SIMPLE_INSTRUCTION])
-    parts = [f"You are modeling user {record.user_id}."]
-    parts += [DETAILED_HEADERS[name] + ("\n" + "\n".join(lines) if lines else " none.")
-              for name, lines in sections.items()]
-    return "\n".join(parts + [DETAILED_INSTRUCTION])
-
-
-def fit_prompt(record: Record, ablation_config: str, prompt_style: str, fits: Callable[[str], bool],
-               max_history_items: int | None = None) -> str:
-    """The prompt with the most newest history items for which fits(prompt) holds, dropping oldest first.
-
-    fits is the caller's length test (e.g. token count <= budget). If even no history fits, the prompt
-    without history items is returned and the caller truncates or skips it.
-    """
-    full = build_prompt(record, ablation_config, prompt_style, max_history_items)
-    if fits(full) or "history" not in ABLATION_SECTIONS[ablation_config]:
-        return full
-    lo, hi, best = 0, len(_newest(record.history or [], max_history_items)) - 1, None
-    while lo <= hi:  # fewer items is never longer, so binary search on the number kept
-        mid = (lo + hi) // 2
-        prompt = build_prompt(record, ablation_config, prompt_style, max_history_items, history_limit=mid)
-        if fits(prompt):
-            best, lo = prompt, mid + 1
-        else:
-            hi = mid - 1
-    return best if best is not None else build_prompt(record, ablation_config, prompt_style, max_history_items, 0)
-
-
-def to_prompt_response(records: Iterable[Record], ablation_config: str, prompt_style: str = "simple",
-                       max_history_items: int | None = None) -> Iterator[tuple[str, str]]:
-    """(prompt, response) pairs ready for the SFT template; response is the record's target."""
-    _check_choice(ablation_config, ABLATIONS, "ablation_config")
-    _check_choice(prompt_style, PROMPT_STYLES, "prompt_style")
-    for record in records:
-        yield build_prompt(record, ablation_config, prompt_style, max_history_items), record.target
 
 
 def _digest(*parts) -> int:
