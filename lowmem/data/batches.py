@@ -169,7 +169,7 @@ def collate_packed(rows: list[list[dict]], pad_id: int, position: int, skip: int
 
 
 def packed_batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, batch_size: int,
-                        pad_id: int, max_len: int, chunk_rows: int = 8) -> Iterator[Batch]:
+                        pad_id: int, max_len: int, chunk_rows: int = 32) -> Iterator[Batch]:
     """Pack chunks of samples (about chunk_rows batches' worth of tokens) into full rows.
 
     A chunk yields several batches; each records the chunk's start and how many of its batches are
