@@ -139,11 +139,14 @@ def _finish(s: Session, stopped_early: bool) -> dict:
                "stopped_early": stopped_early, "best_eval_loss": state["best_eval_loss"], **(last_eval or {}),
                **{f"data_{k}": v for k, v in dict(s.data.encoder.counts).items()}}
     if cfg.test_file and cfg.test_generation_samples and acc.is_main_process:
-        from .qa_eval import exact_match_on_file
+        from .evaluate import generation_metrics
+        from .generate import GenerationOptions
 
-        summary["test_exact_match"] = exact_match_on_file(acc.unwrap_model(final_model), s.tokenizer, cfg.test_file,
-                                                          cfg.test_generation_samples, cfg.max_seq_len)
-        s.metrics.log({"test_exact_match": summary["test_exact_match"]}, state["step"])
+        scores = generation_metrics(acc.unwrap_model(final_model), s.tokenizer, cfg.test_file,
+                                    GenerationOptions(max_new_tokens=64, greedy=True), batch_size=32,
+                                    max_examples=cfg.test_generation_samples)
+        summary.update(test_exact_match=scores["exact_match"], test_bleu4=scores["bleu4"])
+        s.metrics.log({"test_exact_match": scores["exact_match"], "test_bleu4": scores["bleu4"]}, state["step"])
     s.log(f"done: {json.dumps(summary)} | {process_memory_summary()}")
     acc.end_training()
     return summary

@@ -21,14 +21,17 @@ def test_default_run_learns_held_out_questions(tmp_path):
     from config import TrainConfig
     from lowmem.evaluate import evaluate_loss
     from lowmem.model import build_model
-    from lowmem.qa_eval import exact_match_on_file
+    from lowmem.evaluate import generation_metrics
+    from lowmem.generate import GenerationOptions
     from lowmem.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(final))
     torch.manual_seed(42)
     untrained = build_model(TrainConfig(), tokenizer).eval()
     base_loss = evaluate_loss(untrained, tokenizer, str(tmp_path / "data/demo/valid.parquet"), 128)["loss"]
-    base_accuracy = exact_match_on_file(untrained, tokenizer, str(tmp_path / "data/demo/test.parquet"), 100, 128)
+    base_accuracy = generation_metrics(untrained, tokenizer, str(tmp_path / "data/demo/test.parquet"),
+                                       GenerationOptions(max_new_tokens=16, greedy=True), batch_size=32,
+                                       max_examples=100)["exact_match"]
     assert base_accuracy == 0.0
     assert summary["eval_loss"] < 0.35 * base_loss, (summary["eval_loss"], base_loss)
     assert summary["test_exact_match"] >= 0.1, summary  # held-out questions, never seen in training
