@@ -57,7 +57,9 @@ class TrainConfig:
     model_preset: str = "tiny"  # one of config.MODEL_PRESETS
     disable_flash_attn: bool = False  # force PyTorch SDPA even where flash-attn 2 is importable
     dropout: float = 0.0  # attention dropout (T5: all dropout)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower (see README)
+    gradient_checkpointing_mode: str = "full"  # full: blocks keep only their input | selective: keep matmul outputs
+    gradient_checkpointing_every: int = 1  # checkpoint 1 block in N (2: every other block keeps its activations)
     torch_compile: bool = False  # compile the model (first steps are slower while it compiles)
     use_liger_kernel: bool = False  # fused linear + cross-entropy etc. from liger-kernel when importable
     # --- data ---
@@ -103,7 +105,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | no | bf16 | fp16
     seed: int = 42  # model init, data order and dropout
-    skip_nonfinite: bool = True  # skip steps whose gradient norm is inf/nan (one host sync per optimizer step)
+    skip_nonfinite: bool = True  # skip steps whose gradient norm is inf/nan (no host sync with fused adamw)
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     use_ema: bool = False  # keep an exponential moving average of the weights; used for eval and export
     ema_decay: float = 0.999  # EMA weight of the old average per optimizer step

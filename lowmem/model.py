@@ -8,6 +8,7 @@ import torch
 
 from config import MODEL_PRESETS, TrainConfig
 
+from . import recompute
 from .errors import UserError
 
 MODEL_TYPES = ("llama", "qwen2", "t5")
@@ -90,8 +91,7 @@ def apply_training_options(model, cfg: TrainConfig):
             raise UserError("--freeze_encoder applies to encoder-decoder models (T5); use --freeze_embeddings instead")
         model.get_encoder().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        recompute.enable(model, cfg.gradient_checkpointing_mode, cfg.gradient_checkpointing_every)
     if cfg.use_liger_kernel:
         if cfg.torch_compile:
             raise UserError("--use_liger_kernel and --torch_compile do not combine (dynamo cannot trace liger's fused "

@@ -10,12 +10,14 @@ import torch
 
 from config import TrainConfig
 
+from . import recompute
 from .autobatch import cuda_probe, largest_fitting, limit_gpu_memory, split_global_batch
 from .checkpoint import CheckpointManager
 from .data.pipeline import TrainData
 from .demo import ensure_demo_assets
 from .ema import EMA
 from .errors import UserError
+from .memory_plan import STATE_BYTES, memory_plan
 from .metrics import MetricsWriter
 from .model import apply_training_options, build_model, count_parameters
 from .optim import allow_optimizer_state_types, build_optimizer, build_scheduler
@@ -61,6 +63,7 @@ def check_values(cfg: TrainConfig) -> None:
         raise UserError("--learn_rate must be > 0, --warmup_steps and --max_steps >= 0")
     if cfg.early_stopping_patience < 0:
         raise UserError(f"--early_stopping_patience={cfg.early_stopping_patience} must be >= 0 (0 turns it off)")
+    recompute.check_options(cfg.gradient_checkpointing, cfg.gradient_checkpointing_mode, cfg.gradient_checkpointing_every)
 
 
 def start_session(cfg: TrainConfig) -> Session:
@@ -125,7 +128,7 @@ def _auto_batch(cfg: TrainConfig, accelerator, model, tokenizer, budget: int) ->
     model.to(accelerator.device)
     per_process = cfg.batch_size_per_gpu * cfg.gradient_accumulation_steps
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state_bytes = int(trained * _STATE_BYTES.get(cfg.optimizer, 8) + trained * (2 if cfg.bf16_weights else 4))
+    state_bytes = int(trained * STATE_BYTES.get(cfg.optimizer, 8) + trained * (2 if cfg.bf16_weights else 4))
     fits = cuda_probe(model, state_bytes, cfg.max_seq_len, len(tokenizer), budget)
     with accelerator.autocast():
         largest = largest_fitting(fits, per_process)
@@ -145,9 +148,6 @@ def _min_over_processes(accelerator, value: int) -> int:
     tensor = torch.tensor([value], device=accelerator.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
-
-
-_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "adamw_4bit": 1, "adafactor": 0.1}
 
 
 def _resume(cfg, accelerator, checkpoints, model, optimizer, scheduler, ema, state) -> None:
@@ -180,18 +180,20 @@ def _summary(s: Session, steps_per_epoch: int) -> str:
             f"precision: {acc.mixed_precision}{' (bf16 weights)' if cfg.bf16_weights else ''} | effective batch "
             f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
             f"{cfg.max_seq_len} tokens | {s.total_steps} optimizer steps planned (~{steps_per_epoch}/epoch) | "
-            f"optimizer {cfg.optimizer} | logs: {cfg.logging_dir()}\n{memory_plan(acc.unwrap_model(s.model), cfg)}")
+            f"optimizer {cfg.optimizer} | logs: {cfg.logging_dir()}\n{_memory_plan(s)}")
 
 
-def memory_plan(model, cfg: TrainConfig) -> str:
-    """Estimated GiB of parameters, gradients and optimizer states for the chosen settings."""
-    n = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weight_bytes = 2 if cfg.bf16_weights else 4
-    state_bytes = _STATE_BYTES.get(cfg.optimizer, 8)
-    gib = 2**30
-    return (f"memory plan: weights {n * weight_bytes / gib:.2f} GiB, gradients {trained * weight_bytes / gib:.2f} GiB, "
-            f"optimizer states {trained * state_bytes / gib:.2f} GiB (activations come on top)")
+def _memory_plan(s: Session) -> str:
+    """The memory plan for this process: ZeRO stage k shards the optimizer states, gradients, weights (k=1..3)."""
+    acc, stage, offload = s.accelerator, 0, False
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        stage = int(plugin.zero_stage or 0)
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    elif acc.distributed_type.name == "FSDP":
+        stage = 3
+    return memory_plan(acc.unwrap_model(s.model), s.cfg, str(acc.mixed_precision), acc.num_processes, stage, offload)
 
 
 def load_best_into(session: Session) -> str | None:

@@ -1,0 +1,63 @@
+"""Estimated memory of a training run per process: weights, gradients, optimizer states, activations.
+
+The activation figure is a per-token count of what a Llama-shaped decoder block keeps for backward
+under mixed precision (bf16 matmul outputs, an fp32 residual stream and fp32 norm internals), plus the
+logits and their fp32 loss copies; bench/checkpointing.py compares it with measured memory.
+"""
+from __future__ import annotations
+
+from config import TrainConfig
+
+GIB = 2**30
+STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "adamw_4bit": 1, "adafactor": 0.1}  # per trained parameter
+
+
+def activation_bytes_per_token(hf_config, cfg: TrainConfig, mixed_precision: str) -> float | None:
+    """Bytes of activations kept for backward per token of a micro-batch; None for shapes not modelled (T5)."""
+    if getattr(hf_config, "is_encoder_decoder", False) or not hasattr(hf_config, "intermediate_size"):
+        return None
+    h, inter, layers = hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_hidden_layers
+    kv = h * hf_config.num_key_value_heads // hf_config.num_attention_heads
+    half = mixed_precision in ("bf16", "fp16") or cfg.bf16_weights
+    a = 2 if half else 4  # matmul outputs
+    r = 2 if cfg.bf16_weights else 4  # residual stream: the weights' dtype
+    norms = 2 * (4 * h + r * h)  # two RMSNorms: fp32 input, normalised output in the weights' dtype
+    attention = 3 * a * h + a * (2 * h + 2 * kv) + a * h  # q/k/v input casts, SDPA's q/k/v/out, o_proj input
+    mlp = 2 * a * h + 4 * a * inter  # gate/up input casts; gate, silu(gate), up and their product
+    whole_block = norms + attention + mlp
+    kept_by_selective = r * h + a * (h + 2 * kv) + 3 * a * h + 2 * a * inter  # input + matmul/attention outputs
+    logits = 0 if cfg.use_liger_kernel else hf_config.vocab_size * (a + 4 + 4)  # logits, fp32 copy, log-softmax
+    if not cfg.gradient_checkpointing:
+        return layers * whole_block + logits
+    checkpointed = len(range(0, layers, cfg.gradient_checkpointing_every))
+    kept = r * h if cfg.gradient_checkpointing_mode == "full" else kept_by_selective
+    # checkpointed blocks keep `kept`; one of them is rebuilt whole during its backward
+    return checkpointed * kept + (layers - checkpointed) * whole_block + whole_block + logits
+
+
+def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
+                offload_optimizer: bool = False) -> str:
+    """One line: estimated GiB per process of weights, gradients, optimizer states and activations."""
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    weight_bytes = 2 if cfg.bf16_weights else 4
+    shard = lambda stage: world if zero_stage >= stage else 1  # noqa: E731 - ZeRO stage k shards the first k items
+    weights = n * weight_bytes / shard(3)
+    grads = trained * weight_bytes / shard(2)
+    states = 0.0 if offload_optimizer else trained * STATE_BYTES.get(cfg.optimizer, 8) / shard(1)
+    per_token = activation_bytes_per_token(model.config, cfg, mixed_precision)
+    tokens = cfg.batch_size_per_gpu * cfg.max_seq_len
+    recompute = (f"checkpointing {cfg.gradient_checkpointing_mode}"
+                 + (f" every {cfg.gradient_checkpointing_every}" if cfg.gradient_checkpointing_every > 1 else "")
+                 if cfg.gradient_checkpointing else "no checkpointing")
+    parts = [f"weights {weights / GIB:.2f} GiB", f"gradients {grads / GIB:.2f} GiB",
+             f"optimizer states {states / GIB:.2f} GiB{' (offloaded to the CPU)' if offload_optimizer else ''}"]
+    if per_token is None:
+        parts.append("activations not estimated for this model type")
+        total = ""
+    else:
+        activations = per_token * tokens
+        parts.append(f"activations ~{activations / GIB:.2f} GiB ({cfg.batch_size_per_gpu} x {cfg.max_seq_len} tokens, "
+                     f"{recompute})")
+        total = f" = ~{(weights + grads + states + activations) / GIB:.2f} GiB per process"
+    return "memory plan: " + ", ".join(parts) + total
