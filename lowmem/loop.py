@@ -17,14 +17,10 @@ import torch.nn.functional as F
 from config import TrainConfig
 
 from .data.batches import Batch, dummy_batch
-from .errors import UserError
 from .metrics import flops_per_token, gpu_memory_gb, host_rss_gb
+from .nonfinite import NonfiniteGuard, TrainingHalted
 from .runtime import HostChannel, StopSignal, process_memory_summary
 from .session import Session, load_best_into, start_session
-
-
-class TrainingHalted(UserError):
-    """The run cannot go on (e.g. the loss diverged); nothing was saved after the last good checkpoint."""
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -34,6 +30,8 @@ def train(cfg: TrainConfig) -> dict:
     channel, stop, trace = HostChannel(world), StopSignal(), _open_trace(cfg, acc.process_index, s.resumed_step)
     running = torch.zeros((), device=acc.device)  # summed loss since the last log, kept on the device
     meter = Meter(flops_per_token(acc.unwrap_model(s.model)), world)
+    guard = NonfiniteGuard(s.optimizer, cfg.skip_nonfinite, cfg.max_nonfinite_steps, state, cfg.checkpoint_dir(),
+                           acc.device, s.ema is not None)
     progress = _progress(acc, s.total_steps, state["step"])
     stopped_by, stop_early = "", False
     s.model.train()
@@ -66,7 +64,7 @@ def train(cfg: TrainConfig) -> dict:
                     if grad_norm is None:  # DeepSpeed clipped and stepped inside backward without a norm
                         grad_norm = 0.0
                     lr_used = float(s.scheduler.get_last_lr()[0])  # torchao keeps lr as a tensor
-                    if _finite_or_skip(s, grad_norm):
+                    if guard.allows_step(grad_norm, s.metrics):  # False only where the host decides
                         s.optimizer.step()
                         if s.ema is not None:
                             s.ema.update()
@@ -76,6 +74,9 @@ def train(cfg: TrainConfig) -> dict:
                     meter.add(window)
                     progress.update(1)
                     # 4. log, evaluate, save on their cadences
+                    evaluating = s.data.validation is not None and state["step"] % cfg.eval_steps == 0
+                    if evaluating or state["step"] % cfg.logging_steps == 0 or state["step"] % cfg.save_steps == 0:
+                        guard.settle(s.metrics)  # a diverged run halts here, before anything is saved
                     if state["step"] % cfg.logging_steps == 0:
                         record = meter.record(acc, running, grad_norm, lr_used, state)
                         record.update({f"data_{k}": v for k, v in dict(s.data.encoder.counts).items()})  # skips
@@ -85,7 +86,7 @@ def train(cfg: TrainConfig) -> dict:
                             s.log(f"peak GPU memory after {state['step']} steps: {record['gpu_mem_peak_gb']:.2f} GiB")
                         running.zero_()
                     best = False
-                    if s.data.validation is not None and state["step"] % cfg.eval_steps == 0:
+                    if evaluating:
                         best, stop_early = _evaluate_and_judge(s)
                     if best or state["step"] % cfg.save_steps == 0:
                         _save(s, as_best=best)
@@ -93,6 +94,7 @@ def train(cfg: TrainConfig) -> dict:
                         break
             finally:
                 batches.close()
+            guard.settle(s.metrics)
             if stopped_by or stop_early or _at_max_steps(cfg, state):
                 break
             state["epoch"] += 1
@@ -224,22 +226,6 @@ class Meter:
             record["mfu"] = tokens_per_sec * self.flop_per_token / (peak_flops() * self.world)
         self.reset()
         return record
-
-
-def _finite_or_skip(s: Session, grad_norm) -> bool:
-    """False (and counted) when the gradient norm is inf/nan; halts after max_nonfinite_steps in a row."""
-    if not s.cfg.skip_nonfinite or math.isfinite(float(grad_norm)):  # the step's one host sync
-        s.state["nonfinite_steps"] = 0
-        return True
-    state = s.state
-    state["nonfinite_steps"] += 1
-    state["nonfinite_total"] += 1
-    s.metrics.log({"nonfinite_steps": state["nonfinite_steps"], "grad_norm": float(grad_norm)}, state["step"] + 1)
-    if state["nonfinite_steps"] >= s.cfg.max_nonfinite_steps:
-        raise TrainingHalted(f"{state['nonfinite_steps']} optimizer steps in a row had a non-finite loss or gradient "
-                             f"(last at step {state['step'] + 1}); stopped without saving. The last good checkpoint "
-                             f"in {s.cfg.checkpoint_dir()} is intact: lower --learn_rate or check the data")
-    return False
 
 
 def _advance(state: dict, window: list[Batch], world: int, trace) -> None:

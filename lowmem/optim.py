@@ -35,7 +35,7 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer; no weight decay on biases and norms.
 
-    adamw: torch AdamW, fused on CUDA, fp32 states (with bf16_weights: torchao's AdamW with bf16
+    adamw: torch AdamW, fused (CUDA and CPU), fp32 states (with bf16_weights: torchao's AdamW with bf16
     stochastic rounding). adamw_8bit / adamw_4bit: torchao's compact states. adafactor: as in the
     original trainer but with relative_step=False, so learn_rate and the schedule take effect.
     """
@@ -52,9 +52,8 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
         return Adafactor(groups, lr=cfg.learn_rate, relative_step=False, scale_parameter=False, warmup_init=False)
     if cfg.optimizer == "adamw" and not cfg.bf16_weights:
-        # built before accelerator.prepare moves the model: ask where training will run
-        on_cuda = torch.cuda.is_available() or any(p.is_cuda for p in decay + no_decay)
-        return torch.optim.AdamW(groups, fused=on_cuda or None, **adam)
+        # fused: one kernel per step on CUDA and CPU, and it can skip a non-finite step without a host sync
+        return torch.optim.AdamW(groups, fused=True, **adam)
     try:
         from torchao import optim as ao_optim
     except ImportError:
