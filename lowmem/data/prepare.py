@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import UserError
-from .rawio import (DEFAULT_ROW_GROUP_SIZE, ParquetSink, as_list, check_columns, describe_skips, file_format,
+from .parquet_sink import ParquetSink
+from .rawio import (DEFAULT_ROW_GROUP_SIZE, as_list, check_columns, describe_skips, file_format,
                     iter_batches, iter_tables, merge_skips, open_parquet, string_columns)
 
 # Unicode category Cc without tab and newline: invisible bytes that only confuse a tokenizer
