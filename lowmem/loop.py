@@ -82,8 +82,8 @@ def train(cfg: TrainConfig) -> dict:
                         record.update({f"data_{k}": v for k, v in dict(s.data.encoder.counts).items()})  # skips
                         s.metrics.log(record, state["step"])
                         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                        if state["step"] == cfg.logging_steps and "gpu_mem_peak_gb" in record:
-                            s.log(f"peak GPU memory after {state['step']} steps: {record['gpu_mem_peak_gb']:.2f} GiB")
+                        if not meter.peak_reported:  # set against the memory plan printed at the start
+                            s.log(meter.peak_report(state["step"]))
                         running.zero_()
                     best = False
                     if evaluating:
@@ -201,7 +201,17 @@ class Meter:
 
     def __init__(self, flop_per_token: float, world: int):
         self.flop_per_token, self.world = flop_per_token, world
+        self.peak_reported = False
         self.reset()
+
+    def peak_report(self, step: int) -> str:
+        self.peak_reported = True
+        if torch.cuda.is_available():
+            return f"peak GPU memory after step {step}: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return f"peak host memory (RSS) after step {step}: {peak:.2f} GiB"
 
     def reset(self) -> None:
         self.steps, self.samples, self.real, self.total, self.start = 0, 0, 0, 0, time.time()
