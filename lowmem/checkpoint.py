@@ -90,6 +90,17 @@ def verify(path: str) -> None:
             raise ValueError(f"{rel} is missing or truncated")
 
 
+def save_hf_model(acc, model, folder: str) -> None:
+    """save_pretrained of the whole model from the main process; every process must call it (it gathers shards)."""
+    state_dict = acc.get_state_dict(model)
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        # gathered FSDP/ZeRO weights come back as separate copies of tied ones; from_pretrained re-ties them
+        for tied in getattr(unwrapped, "all_tied_weights_keys", None) or {}:
+            state_dict.pop(tied, None)
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+
 def sharded_kind(accelerator) -> str | None:
     """'deepspeed' or 'fsdp' when optimizer state is sharded across processes, else None."""
     from accelerate.utils import DistributedType
@@ -204,10 +215,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
-        state_dict = acc.get_state_dict(model)  # gathers sharded weights; every process must call it
+        save_hf_model(acc, model, os.path.join(tmp, "model"))
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(model)
-            unwrapped.save_pretrained(os.path.join(tmp, "model"), state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(os.path.join(tmp, "model"))
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(tmp, "ema"), safe_serialization=True)

@@ -321,6 +321,18 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def _cpu_deepspeed() -> None:
+    """DeepSpeed on CPU processes (its CPU accelerator, gloo): tests and laptops.
+
+    DeepSpeed would JIT-compile its shared-memory allreduce (g++, about a minute on 2 cores, and a crash
+    where no compiler is installed) the first time it starts on CPU; gloo alone does the job here.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # probed once per process, then cached
+
+
 def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):
     """An `accelerate.utils.DeepSpeedPlugin` for this run, or None when DeepSpeed is not asked for."""
     ds, source = resolve_deepspeed(cfg)
@@ -332,8 +344,7 @@ def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError(f"DeepSpeed ZeRO ({source}) needs CUDA GPUs and none is visible; on CPU train without "
-                        "--deepspeed/--zero_stage (accelerate_configs/cpu.yaml for several processes)")
+        _cpu_deepspeed()
     check_training_options(cfg, ds, source)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     filled = fill_deepspeed_config(ds, cfg, world, mixed_precision, source)
@@ -344,11 +355,3 @@ def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):
 
     return DeepSpeedPlugin(hf_ds_config=filled)
 
-
-def check_fsdp_launch() -> None:
-    """An FSDP launch on a machine without CUDA would silently fall back to plain data parallel."""
-    import torch
-
-    if launcher_kind() == "fsdp" and not torch.cuda.is_available():
-        raise UserError("launched with an FSDP accelerate config but no CUDA GPU is visible; on CPU use "
-                        "accelerate_configs/cpu.yaml")

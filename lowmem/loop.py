@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from config import TrainConfig
 
+from .checkpoint import save_hf_model
 from .data.batches import Batch, dummy_batch
 from .metrics import flops_per_token, gpu_memory_gb, host_rss_gb
 from .nonfinite import NonfiniteGuard, TrainingHalted
@@ -183,11 +184,11 @@ def evaluate(model, data, accelerator, is_encoder_decoder: bool, max_batches: in
 
 def export_final(accelerator, model, tokenizer, cfg: TrainConfig, path: str) -> None:
     """save_pretrained (safetensors) + tokenizer + resolved config, written atomically."""
-    state_dict = accelerator.get_state_dict(model)
+    tmp = path.rstrip("/") + ".tmp"
     if accelerator.is_main_process:
-        tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    save_hf_model(accelerator, model, tmp)
+    if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "train_config.json"), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)

@@ -23,8 +23,11 @@ def gpu_memory_gb() -> dict[str, float]:
 
 def flops_per_token(model) -> float:
     """Training FLOPs per token: 6 x non-embedding parameters (forward + backward), the usual estimate."""
-    embedding = model.get_input_embeddings().weight.numel()
-    return 6.0 * (sum(p.numel() for p in model.parameters()) - embedding)
+    def numel(p):  # ZeRO-3 params are empty placeholders; ds_numel is their real size
+        return getattr(p, "ds_numel", p.numel())
+
+    embedding = numel(model.get_input_embeddings().weight)
+    return 6.0 * (sum(numel(p) for p in model.parameters()) - embedding)
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:

@@ -38,6 +38,8 @@ class NonfiniteGuard:
         """Whether the loop should call optimizer.step(); on the device path the fused kernel skips by itself."""
         if not self.enabled:
             return True
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: clip_grad_norm_ returns a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         if self.on_device and isinstance(grad_norm, torch.Tensor):
             bad = (~torch.isfinite(grad_norm)).float()
             self.optimizer.found_inf = bad

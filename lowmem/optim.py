@@ -44,8 +44,11 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            # under ZeRO-3 (zero.Init) a parameter is an empty 1-d placeholder; ds_shape is its real shape
+            (no_decay if len(getattr(param, "ds_shape", param.shape)) < 2 else decay).append(param)
+    # DeepSpeed drops empty groups, which would leave the scheduler with more base_lrs than param_groups
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     adam = {"lr": cfg.learn_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor

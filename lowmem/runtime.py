@@ -39,13 +39,23 @@ def build_accelerator(cfg: TrainConfig):
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("report_to includes wandb but wandb is not installed; pip install wandb or drop it")
-    from .distributed import check_fsdp_launch, deepspeed_plugin
+    from .distributed import deepspeed_plugin, launcher_kind
 
     precision = resolve_precision(cfg)
-    check_fsdp_launch()
     plugin = deepspeed_plugin(cfg, precision)  # None unless a deepspeed launch config or --deepspeed/--zero_stage
+    on_cpu = not torch.cuda.is_available()
+    extra = {}
+    if on_cpu and plugin is not None:
+        # Accelerate drops a DeepSpeed plugin when cpu=True; without it and without CUDA it finds no backend and
+        # every process believes it is rank 0. Name gloo (DeepSpeed's CPU accelerator without oneCCL) explicitly.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        extra["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if on_cpu and launcher_kind() == "fsdp":
+        _fsdp_on_cpu()
     return Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun all believe they are rank 0
+        cpu=on_cpu and plugin is None,  # without it, CPU processes under torchrun all believe they are rank 0
+        **extra,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=precision,
         log_with=[_tracker(name, cfg) for name in trackers] or None,
@@ -53,6 +63,21 @@ def build_accelerator(cfg: TrainConfig):
         step_scheduler_with_optimizer=False,
         **({"deepspeed_plugin": plugin} if plugin is not None else {}),
     )
+
+
+def _fsdp_on_cpu() -> None:
+    """Let Accelerate's FSDP2 run over gloo on CPU processes (tests, laptops).
+
+    Accelerate only turns an FSDP launch into FSDP for accelerator device types (MULTI_GPU, ...); on CPU
+    processes (MULTI_CPU) it silently falls back to plain data parallel. Set up the CPU/gloo process state
+    first, then present it as MULTI_GPU so AcceleratorState picks the FSDP plugin; the device stays cpu.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU
 
 
 def _tracker(name: str, cfg: TrainConfig):

@@ -173,14 +173,24 @@ def _summary(s: Session, steps_per_epoch: int) -> str:
     cfg, acc = s.cfg, s.accelerator
     world, ga = acc.num_processes, cfg.gradient_accumulation_steps
     n_params = count_parameters(acc.unwrap_model(s.model))
-    trained = sum(p.numel() for p in acc.unwrap_model(s.model).parameters() if p.requires_grad)
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in acc.unwrap_model(s.model).parameters() if p.requires_grad)
     unit = "packed rows of" if s.data.packing else "samples, up to"
     return (f"model {cfg.model_type}/{cfg.model_preset}{' from ' + cfg.finetune_from_ckp_file if cfg.finetune_from_ckp_file else ''}: "
-            f"{n_params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained) | devices: {world} x {acc.device.type} | "
+            f"{n_params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained) | devices: {world} x {acc.device.type} ({_sharding_name(acc)}) | "
             f"precision: {acc.mixed_precision}{' (bf16 weights)' if cfg.bf16_weights else ''} | effective batch "
             f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
             f"{cfg.max_seq_len} tokens | {s.total_steps} optimizer steps planned (~{steps_per_epoch}/epoch) | "
             f"optimizer {cfg.optimizer} | logs: {cfg.logging_dir()}\n{_memory_plan(s)}")
+
+
+def _sharding_name(acc) -> str:
+    """How the model is spread over the processes: what a user checks first when memory is not as planned."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        return f"DeepSpeed ZeRO-{plugin.zero_stage}"
+    if acc.distributed_type.name == "FSDP":
+        return "FSDP"
+    return "data parallel" if acc.num_processes > 1 else "one process"
 
 
 def _memory_plan(s: Session) -> str:
