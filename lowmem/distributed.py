@@ -254,6 +254,9 @@ def fill_deepspeed_config(ds_dict: dict, cfg, world_size: int, mixed_precision: 
             raise UserError(f"{source} sets {dtype}.enabled={str(given).lower()} but mixed precision is "
                             f"'{mixed_precision}'; set it to \"auto\" or pass --mixed_precision="
                             f"{dtype if given else 'no'}")
+    if ds["bf16"]["enabled"] and "check_grad_overflow" not in ds["bf16"]:
+        # DeepSpeed steps inside backward: in bf16 it skips a non-finite step itself when told to
+        ds["bf16"]["check_grad_overflow"] = bool(getattr(cfg, "skip_nonfinite", True))
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise UserError(f"{source} has a '{section}' section but the trainer builds its own (--optimizer, "

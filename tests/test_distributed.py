@@ -66,6 +66,7 @@ def test_fill_replaces_every_auto_the_trainer_owns(name, precision):
     assert filled["train_batch_size"] == 6 * 3 * 4
     assert filled["gradient_clipping"] == 0.5
     assert filled["bf16"]["enabled"] is (precision == "bf16") and filled["fp16"]["enabled"] is (precision == "fp16")
+    assert filled["bf16"].get("check_grad_overflow", False) is (precision == "bf16")  # skip_nonfinite's default
     leftover = list(distributed._auto_paths(filled))
     assert set(leftover) <= set(distributed.ACCELERATE_FILLS)  # only the hidden-size ones Accelerate fills itself
     if filled["zero_optimization"]["stage"] == 3:
