@@ -62,6 +62,7 @@ class TrainConfig:
     gradient_checkpointing_every: int = 1  # checkpoint 1 block in N (2: every other block keeps its activations)
     torch_compile: bool = False  # compile the model (first steps are slower while it compiles)
     use_liger_kernel: bool = False  # fused linear + cross-entropy etc. from liger-kernel when importable
+    chunked_cross_entropy: bool = False  # loss in chunks, never the whole logits (Llama/Qwen2; any device)
     # --- data ---
     max_seq_len: int = 128  # tokens per sample (or per packed row); longer prompts lose their start
     train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens

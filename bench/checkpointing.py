@@ -10,6 +10,7 @@ the memory that one step adds on top of weights and gradients:
 
   python bench/checkpointing.py --preset=small --seq=512 --batch=4            # CPU
   python bench/checkpointing.py --preset=large --seq=2048 --batch=8 --steps=10 # one GPU
+  python bench/checkpointing.py ... --chunked_cross_entropy   # the same with the loss computed in chunks
 
 Prints a table: ms per step (the fastest of --steps: the least disturbed by other load), its ratio to
 no checkpointing, the measured step memory and the memory plan's activation estimate.
@@ -45,27 +46,29 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def measure(preset: str, mode: str, seq: int, batch: int, steps: int, vocab: int) -> dict:
+def measure(preset: str, mode: str, seq: int, batch: int, steps: int, vocab: int, chunked_ce: bool) -> dict:
     """One mode in this process: ms per step and the memory one step adds."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from config import TrainConfig
-    from lowmem import recompute
-    from lowmem.memory_plan import activation_bytes_per_token
+    from lowmem import chunked_loss, recompute
+    from lowmem.memory_plan import activation_bytes
     from lowmem.model import _hf_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
     cfg = TrainConfig(model_preset=preset, max_seq_len=seq, batch_size_per_gpu=batch,
-                      gradient_checkpointing=MODES[mode] is not None,
+                      gradient_checkpointing=MODES[mode] is not None, chunked_cross_entropy=chunked_ce,
                       **({"gradient_checkpointing_mode": MODES[mode][0],
                           "gradient_checkpointing_every": MODES[mode][1]} if MODES[mode] else {}))
     hf_config = _hf_config(cfg, vocab, {"pad": 0, "eos": 1, "bos": None})
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32).to(device)
     if MODES[mode] is not None:
         recompute.enable(model, *MODES[mode])
+    if chunked_ce:
+        chunked_loss.enable(model)
     model.train()
     tokens = torch.randint(0, vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
@@ -92,7 +95,7 @@ def measure(preset: str, mode: str, seq: int, batch: int, steps: int, vocab: int
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         added.append((torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - before)
-    estimate = activation_bytes_per_token(hf_config, cfg, "bf16" if cuda else "no") * batch * seq
+    estimate = activation_bytes(hf_config, cfg, "bf16" if cuda else "no", batch * seq)
     return {"mode": mode, "ms_per_step": 1000 * min(times), "step_memory_mib": min(added) / 2**20,
             "estimated_activations_mib": estimate / 2**20, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
@@ -105,20 +108,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--chunked_cross_entropy", action="store_true", help="the loss without whole logits")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(TAG + json.dumps(measure(args.preset, args.worker, args.seq, args.batch, args.steps, args.vocab)))
+        print(TAG + json.dumps(measure(args.preset, args.worker, args.seq, args.batch, args.steps, args.vocab,
+                                       args.chunked_cross_entropy)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TRANSFORMERS_VERBOSITY": "error"}
     rows = []
     for mode in args.modes.split(","):
         command = [sys.executable, os.path.abspath(__file__), f"--preset={args.preset}", f"--seq={args.seq}",
-                   f"--batch={args.batch}", f"--steps={args.steps}", f"--vocab={args.vocab}", f"--worker={mode}"]
+                   f"--batch={args.batch}", f"--steps={args.steps}", f"--vocab={args.vocab}", f"--worker={mode}"] + (["--chunked_cross_entropy"] if args.chunked_cross_entropy else [])
         out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
         rows.append(json.loads(next(line for line in out.splitlines() if line.startswith(TAG))[len(TAG):]))
     base = next((r["ms_per_step"] for r in rows if r["mode"] == "none"), rows[0]["ms_per_step"])
-    print(f"preset {args.preset}, seq {args.seq}, batch {args.batch}, device {rows[0]['device']}")
+    print(f"preset {args.preset}, seq {args.seq}, batch {args.batch}, device {rows[0]['device']}"
+          f"{', chunked cross-entropy' if args.chunked_cross_entropy else ''}")
     print("| mode | ms/step | time vs none | step memory MiB | estimated activations MiB |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:

@@ -26,13 +26,29 @@ def activation_bytes_per_token(hf_config, cfg: TrainConfig, mixed_precision: str
     mlp = 2 * a * h + 4 * a * inter  # gate/up input casts; gate, silu(gate), up and their product
     whole_block = norms + attention + mlp
     kept_by_selective = r * h + a * (h + 2 * kv) + 3 * a * h + 2 * a * inter  # input + matmul/attention outputs
-    logits = 0 if cfg.use_liger_kernel else hf_config.vocab_size * (a + 4 + 4)  # logits, fp32 copy, log-softmax
+    # logits, their fp32 copy and the log-softmax; fused/chunked losses keep one chunk at a time instead
+    fused = cfg.use_liger_kernel or getattr(cfg, "chunked_cross_entropy", False)
+    logits = r * h if fused else hf_config.vocab_size * (a + 4 + 4)
     if not cfg.gradient_checkpointing:
         return layers * whole_block + logits
     checkpointed = len(range(0, layers, cfg.gradient_checkpointing_every))
     kept = r * h if cfg.gradient_checkpointing_mode == "full" else kept_by_selective
     # checkpointed blocks keep `kept`; one of them is rebuilt whole during its backward
     return checkpointed * kept + (layers - checkpointed) * whole_block + whole_block + logits
+
+
+def activation_bytes(hf_config, cfg: TrainConfig, mixed_precision: str, tokens: int) -> float | None:
+    """Activations of a micro-batch of `tokens` tokens; None for shapes not modelled (T5)."""
+    per_token = activation_bytes_per_token(hf_config, cfg, mixed_precision)
+    if per_token is None:
+        return None
+    fixed = 0.0
+    if getattr(cfg, "chunked_cross_entropy", False):
+        from .chunked_loss import chunk_rows
+
+        rows = min(tokens, chunk_rows(hf_config.vocab_size))
+        fixed = rows * hf_config.vocab_size * 8 + hf_config.vocab_size * hf_config.hidden_size * 4  # chunk + weight grad
+    return per_token * tokens + fixed
 
 
 def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
@@ -45,18 +61,16 @@ def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, z
     weights = n * weight_bytes / shard(3)
     grads = trained * weight_bytes / shard(2)
     states = 0.0 if offload_optimizer else trained * STATE_BYTES.get(cfg.optimizer, 8) / shard(1)
-    per_token = activation_bytes_per_token(model.config, cfg, mixed_precision)
-    tokens = cfg.batch_size_per_gpu * cfg.max_seq_len
+    activations = activation_bytes(model.config, cfg, mixed_precision, cfg.batch_size_per_gpu * cfg.max_seq_len)
     recompute = (f"checkpointing {cfg.gradient_checkpointing_mode}"
                  + (f" every {cfg.gradient_checkpointing_every}" if cfg.gradient_checkpointing_every > 1 else "")
                  if cfg.gradient_checkpointing else "no checkpointing")
     parts = [f"weights {weights / GIB:.2f} GiB", f"gradients {grads / GIB:.2f} GiB",
              f"optimizer states {states / GIB:.2f} GiB{' (offloaded to the CPU)' if offload_optimizer else ''}"]
-    if per_token is None:
+    if activations is None:
         parts.append("activations not estimated for this model type")
         total = ""
     else:
-        activations = per_token * tokens
         parts.append(f"activations ~{activations / GIB:.2f} GiB ({cfg.batch_size_per_gpu} x {cfg.max_seq_len} tokens, "
                      f"{recompute})")
         total = f" = ~{(weights + grads + states + activations) / GIB:.2f} GiB per process"

@@ -8,7 +8,7 @@ import torch
 
 from config import MODEL_PRESETS, TrainConfig
 
-from . import recompute
+from . import chunked_loss, recompute
 from .errors import UserError
 
 MODEL_TYPES = ("llama", "qwen2", "t5")
@@ -92,6 +92,11 @@ def apply_training_options(model, cfg: TrainConfig):
         model.get_encoder().requires_grad_(False)
     if cfg.gradient_checkpointing:
         recompute.enable(model, cfg.gradient_checkpointing_mode, cfg.gradient_checkpointing_every)
+    if cfg.chunked_cross_entropy:
+        if cfg.use_liger_kernel:
+            raise UserError("--chunked_cross_entropy and --use_liger_kernel both replace the loss; pick one "
+                            "(liger's is a fused GPU kernel, the chunked one runs anywhere)")
+        chunked_loss.enable(model)
     if cfg.use_liger_kernel:
         if cfg.torch_compile:
             raise UserError("--use_liger_kernel and --torch_compile do not combine (dynamo cannot trace liger's fused "
