@@ -1,7 +1,8 @@
 """Many processes and machines: DeepSpeed config filling and conflicts, torchrun, a simulated two-machine run.
 
 The DeepSpeed ZeRO and FSDP tests at the end run on CPU processes over gloo (deepspeed comes with
-requirements-dev.txt) and on a GPU alike; ZeRO-3 with offload runs on a GPU only (CPU Adam compiles for minutes).
+requirements-dev.txt) and on GPUs: two sharded processes on CPU or on two GPUs, one process (ZeRO-2 anywhere;
+ZeRO-3, FSDP and ZeRO-3 with offload, whose CPU Adam compiles for minutes) on one GPU.
 """
 from __future__ import annotations
 
@@ -363,6 +364,10 @@ SHARDED_CASES = {
 }
 # DeepSpeed's CPU Adam (offload) is a C++ op compiled on first use, about 1.5 minutes on 2 cores: GPU machines only
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU Adam compiles for minutes; needs a CUDA GPU")
+# one sharded process on CPU adds nothing to the two-process test below, which a one-GPU machine cannot run
+ONE_GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU the two-process test covers it")
+TWO_PROCESSES_POSSIBLE = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                                            reason="two sharded processes need two GPUs on a CUDA machine")
 
 
 def _resume_configs(tmp_path, tokenizer_dir, qa_files):
@@ -391,7 +396,8 @@ def _assert_resume_matches(straight, halves):
 
 
 @needs_fields
-@pytest.mark.parametrize("name", [pytest.param(n, marks=CUDA_ONLY) if "offload" in n else n for n in SHARDED_CASES])
+@pytest.mark.parametrize("name", [pytest.param("zero2"), pytest.param("zero3", marks=ONE_GPU_ONLY),
+                                  pytest.param("zero3_offload", marks=CUDA_ONLY)])
 def test_deepspeed_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
     """ZeRO on one process: 4 steps straight equal 2 steps + resume + 2 steps, and the export loads in transformers."""
     pytest.importorskip("deepspeed")
@@ -426,6 +432,7 @@ def test_deepspeed_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
     assert refused.returncode == 2 and "resume refused" in refused.stderr  # another ZeRO layout is not skipped
 
 
+@ONE_GPU_ONLY
 def test_fsdp_train_resume_export(tmp_path, tokenizer_dir, qa_files):
     """FSDP2 full shard (accelerate_configs/fsdp.yaml) on one process: exact resume and a loadable export."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, "fsdp.yaml"),
@@ -439,6 +446,7 @@ def test_fsdp_train_resume_export(tmp_path, tokenizer_dir, qa_files):
     _assert_resume_matches(straight, halves)
 
 
+@TWO_PROCESSES_POSSIBLE
 @pytest.mark.parametrize("name", ["deepspeed_zero3", "fsdp"])
 def test_two_sharded_processes_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
     """Two processes, each holding half of every weight: a resumed run ends where an uninterrupted one does,
