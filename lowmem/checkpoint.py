@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .model import real_numel
 
 PREFIX, TMP_PREFIX, BEST = "step_", ".tmp_step_", "best"
 
@@ -209,8 +210,7 @@ class CheckpointManager:
         tmp = os.path.join(self.root, TMP_PREFIX + name[len(PREFIX):])
         final = os.path.join(self.root, name)
         if acc.is_main_process:
-            # ZeRO-3 parameters are empty placeholders; ds_numel is their real size
-            param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+            param_bytes = sum(real_numel(p) * p.element_size() for p in model.parameters())
             check_free_space(self.root, param_bytes * (4 if ema_model is None else 5) + (64 << 20))
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)

@@ -1,7 +1,7 @@
 """Output projection + cross-entropy in chunks of tokens: the [tokens x vocabulary] logits never exist whole.
 
 For large vocabularies the logits, their fp32 copy and the log-softmax are the largest activations
-(a 150k vocabulary at 16k tokens per micro-batch: ~25 GiB). The forward here computes, chunk by
+(a 150k vocabulary at 16k tokens per micro-batch: ~23 GiB). The forward here computes, chunk by
 chunk, the logits, the loss and at once the gradients for the hidden states and the output weight,
 and keeps only those gradients (the hidden states' size and the weight's size), as liger-kernel's
 fused kernel does, in plain PyTorch on any device. `--chunked_cross_entropy=True` switches it on for

@@ -54,8 +54,9 @@ def activation_bytes(hf_config, cfg: TrainConfig, mixed_precision: str, tokens: 
 def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
                 offload_optimizer: bool = False) -> str:
     """One line: estimated GiB per process of weights, gradients, optimizer states and activations."""
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    from .model import count_parameters
+
+    n, trained = count_parameters(model), count_parameters(model, trained_only=True)
     weight_bytes = 2 if cfg.bf16_weights else 4
     shard = lambda stage: world if zero_stage >= stage else 1  # noqa: E731 - ZeRO stage k shards the first k items
     weights = n * weight_bytes / shard(3)

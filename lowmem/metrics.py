@@ -23,11 +23,9 @@ def gpu_memory_gb() -> dict[str, float]:
 
 def flops_per_token(model) -> float:
     """Training FLOPs per token: 6 x non-embedding parameters (forward + backward), the usual estimate."""
-    def numel(p):  # ZeRO-3 params are empty placeholders; ds_numel is their real size
-        return getattr(p, "ds_numel", p.numel())
+    from .model import count_parameters, real_numel
 
-    embedding = numel(model.get_input_embeddings().weight)
-    return 6.0 * (sum(numel(p) for p in model.parameters()) - embedding)
+    return 6.0 * (count_parameters(model) - real_numel(model.get_input_embeddings().weight))
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:

@@ -78,8 +78,13 @@ def build_model(cfg: TrainConfig, tokenizer):
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
 
 
-def count_parameters(model) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 params are placeholders
+def real_numel(param) -> int:
+    """Elements of a parameter; under ZeRO-3 the tensor is an empty placeholder and ds_numel its real size."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def count_parameters(model, trained_only: bool = False) -> int:
+    return sum(real_numel(p) for p in model.parameters() if p.requires_grad or not trained_only)
 
 
 def apply_training_options(model, cfg: TrainConfig):

@@ -173,36 +173,32 @@ def _summary(s: Session, steps_per_epoch: int) -> str:
     cfg, acc = s.cfg, s.accelerator
     world, ga = acc.num_processes, cfg.gradient_accumulation_steps
     n_params = count_parameters(acc.unwrap_model(s.model))
-    trained = sum(getattr(p, "ds_numel", p.numel()) for p in acc.unwrap_model(s.model).parameters() if p.requires_grad)
+    trained = count_parameters(acc.unwrap_model(s.model), trained_only=True)
     unit = "packed rows of" if s.data.packing else "samples, up to"
     return (f"model {cfg.model_type}/{cfg.model_preset}{' from ' + cfg.finetune_from_ckp_file if cfg.finetune_from_ckp_file else ''}: "
-            f"{n_params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained) | devices: {world} x {acc.device.type} ({_sharding_name(acc)}) | "
+            f"{n_params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained) | devices: {world} x {acc.device.type} ({_sharding(acc)[0]}) | "
             f"precision: {acc.mixed_precision}{' (bf16 weights)' if cfg.bf16_weights else ''} | effective batch "
             f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
             f"{cfg.max_seq_len} tokens | {s.total_steps} optimizer steps planned (~{steps_per_epoch}/epoch) | "
             f"optimizer {cfg.optimizer} | logs: {cfg.logging_dir()}\n{_memory_plan(s)}")
 
 
-def _sharding_name(acc) -> str:
-    """How the model is spread over the processes: what a user checks first when memory is not as planned."""
+def _sharding(acc) -> tuple[str, int, bool]:
+    """How the model is spread over the processes: (name, ZeRO-like stage, optimizer offloaded)."""
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     if plugin is not None:
-        return f"DeepSpeed ZeRO-{plugin.zero_stage}"
+        stage = int(plugin.zero_stage or 0)
+        offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+        return f"DeepSpeed ZeRO-{stage}", stage, offload not in ("none", None)
     if acc.distributed_type.name == "FSDP":
-        return "FSDP"
-    return "data parallel" if acc.num_processes > 1 else "one process"
+        return "FSDP", 3, False  # full shard: like ZeRO-3
+    return ("data parallel" if acc.num_processes > 1 else "one process"), 0, False
 
 
 def _memory_plan(s: Session) -> str:
     """The memory plan for this process: ZeRO stage k shards the optimizer states, gradients, weights (k=1..3)."""
-    acc, stage, offload = s.accelerator, 0, False
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        stage = int(plugin.zero_stage or 0)
-        zero = plugin.deepspeed_config.get("zero_optimization", {})
-        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    elif acc.distributed_type.name == "FSDP":
-        stage = 3
+    acc = s.accelerator
+    _, stage, offload = _sharding(acc)
     return memory_plan(acc.unwrap_model(s.model), s.cfg, str(acc.mixed_precision), acc.num_processes, stage, offload)
 
 

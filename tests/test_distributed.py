@@ -362,7 +362,7 @@ SHARDED_CASES = {
     "zero3": (["--zero_stage=3"], "accelerate_launch"),
     "zero3_offload": (["--zero_stage=3", "--offload_optimizer=True", "--offload_param=True"], "flag"),
 }
-# DeepSpeed's CPU Adam (offload) is a C++ op compiled on first use, about 1.5 minutes on 2 cores: GPU machines only
+# DeepSpeed's CPU Adam (offload) is a C++ op compiled on first use, for minutes on 2 cores: GPU machines only
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU Adam compiles for minutes; needs a CUDA GPU")
 # one sharded process on CPU adds nothing to the two-process test below, which a one-GPU machine cannot run
 ONE_GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU the two-process test covers it")
