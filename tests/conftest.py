@@ -90,6 +90,16 @@ def cli(args, cwd=None, timeout=600, env=None, launcher=None):
     return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def env_without(folder, *packages: str) -> dict:
+    """Environment for a subprocess in which `packages` cannot be imported, installed or not."""
+    hide = os.path.join(str(folder), "hide_" + "_".join(packages))
+    os.makedirs(hide, exist_ok=True)
+    with open(os.path.join(hide, "sitecustomize.py"), "w", encoding="utf-8") as f:
+        f.write("import sys\n" + "".join(f"sys.modules[{p!r}] = None  # import fails, find_spec: None\n"
+                                         for p in packages))
+    return {"PYTHONPATH": os.pathsep.join(p for p in (hide, os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def flags(cfg) -> list[str]:
     import dataclasses
 

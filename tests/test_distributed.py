@@ -7,7 +7,6 @@ ZeRO-3, FSDP and ZeRO-3 with offload, whose CPU Adam compiles for minutes) on on
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config
+from conftest import REPO, cli, env_without, flags, read_jsonl, run_in_process, tiny_config
 
 from lowmem import distributed
 from lowmem.errors import UserError
@@ -239,11 +238,7 @@ def test_plugin_is_accepted_by_accelerate(clean_env):
 
 @pytest.fixture
 def without_deepspeed(tmp_path):
-    """Environment for a subprocess in which deepspeed is not importable, installed or not."""
-    hide = tmp_path / "hide_deepspeed"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["deepspeed"] = None  # import fails, find_spec: None\n')
-    return {"PYTHONPATH": os.pathsep.join(p for p in (str(hide), os.environ.get("PYTHONPATH", "")) if p)}
+    return env_without(tmp_path, "deepspeed")
 
 
 def _assert_one_line_error(result, needle):
