@@ -29,15 +29,28 @@ def flops_per_token(model) -> float:
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop records past `last_step` (written after the checkpoint a resume starts from)."""
+    """Drop records past `last_step` (written after the checkpoint a resume starts from).
+
+    A line cut short by a kill during its write is dropped too, so a torn log never stops a resume.
+    """
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one complete jsonl record, or None for a blank, unterminated or unreadable line."""
+    if not line.endswith("\n") or not line.strip():
+        return None
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return None
 
 
 class MetricsWriter:

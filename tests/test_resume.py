@@ -41,7 +41,8 @@ def wait_for_step(cfg, proc, step: int, timeout: float = 300) -> None:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                steps = [json.loads(l).get("step", 0) for l in f if l.strip()]
+                # the trainer may be mid-write: read complete lines only
+                steps = [json.loads(l).get("step", 0) for l in f if l.endswith("\n") and l.strip()]
             if steps and max(steps) >= step:
                 return
         time.sleep(0.01)
@@ -166,6 +167,8 @@ def test_truncated_checkpoint_falls_back_and_rotation_keeps_n(run_cfgs, qa_files
     newest = os.path.join(cfg.checkpoint_dir(), "step_00000030", "model", "model.safetensors")
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 2)
+    with open(os.path.join(cfg.logging_dir(), "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"step": 31, "loss": 2.')  # a kill during a log write leaves a torn last line
     import dataclasses
 
     more = dataclasses.replace(cfg, epochs=2, is_keep_training=True, allow_config_change=False)
