@@ -36,7 +36,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= last_step]
+        kept = [line for line in f if (step := _step_of(line)) is not None and step <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
