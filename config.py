@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,42 +44,51 @@ class TrainConfig:
     # --- run and paths ---
     run_name: str = "demo"  # outputs go to output_dir/run_name and log_dir/run_name
     output_dir: str = "model_save"  # models and checkpoints: output_dir/run_name/{final,checkpoints}
-    log_dir: str = "logs"  # TensorBoard and metrics.jsonl: log_dir/run_name
-    train_file: str = "data/demo/train.parquet"  # parquet (prompt/response or text), jsonl, or a token .bin
-    validation_file: str = "data/demo/valid.parquet"  # empty string: no evaluation
+    log_dir: str = ""  # TensorBoard + metrics.jsonl go to log_dir/<name>; empty: logs/, or the run's own dir with --output_dir
+    train_file: str = "data/demo/train.parquet"  # file, dir, glob, comma list, or a mixture a:0.7,b:0.3 (see README)
+    validation_file: str = "data/demo/valid.parquet"  # same forms as train_file; empty string: no evaluation
+    datasets: list[dict] = field(default_factory=list)  # training mixture from a --config file: [{path, weight, ...}]
+    validation_datasets: list[dict] = field(default_factory=list)  # validation sets from a --config file, same form
     test_file: str = "data/demo/test.parquet"  # prompt/response rows scored by exact match at the end
     tokenizer_dir: str = "model_save/demo_tokenizer"  # local tokenizer; empty: the one in finetune_from_ckp_file
     model_file: str = ""  # where the final model goes; empty: output_dir/run_name/final
     train_state_dir: str = ""  # where checkpoints go; empty: output_dir/run_name/checkpoints
     finetune_from_ckp_file: str = ""  # local Hugging Face model directory to start from
     # --- model ---
-    model_type: str = "llama"  # llama | qwen2 | t5
+    model_type: Literal["llama", "qwen2", "t5"] = "llama"  # llama | qwen2 | t5 (a local model dir brings its own)
     model_preset: str = "tiny"  # one of config.MODEL_PRESETS
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = "auto"  # auto: flash-attn 2 if importable, flex_attention for packed rows on CUDA, else sdpa
     disable_flash_attn: bool = False  # force PyTorch SDPA even where flash-attn 2 is importable
     dropout: float = 0.0  # attention dropout (T5: all dropout)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower (see README)
-    gradient_checkpointing_mode: str = "full"  # full: blocks keep only their input | selective: keep matmul outputs
+    gradient_checkpointing_mode: Literal["full", "selective"] = "full"  # full: blocks keep only their input | selective: keep matmul outputs
     gradient_checkpointing_every: int = 1  # checkpoint 1 block in N (2: every other block keeps its activations)
     torch_compile: bool = False  # compile the model (first steps are slower while it compiles)
     use_liger_kernel: bool = False  # fused linear + cross-entropy etc. from liger-kernel when importable
     chunked_cross_entropy: bool = False  # loss in chunks, never the whole logits (Llama/Qwen2; any device)
     # --- data ---
     max_seq_len: int = 128  # tokens per sample (or per packed row); longer prompts lose their start
-    train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens
+    train_on_prompt: bool = False  # prompt/response data: also train on prompt tokens (like --train_on=all)
+    train_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # conversations: which turns carry the loss
+    prompt_column: str = "prompt"  # column (or jsonl field) holding the prompt
+    response_column: str = "response"  # column holding the response
+    text_column: str = "text"  # column holding plain text (pretraining)
+    messages_column: str = "messages"  # column holding conversations (OpenAI messages; ShareGPT 'conversations' is found too)
     dataloader_buffer_size: int = 10000  # rows shuffled together when streaming parquet
     packing: bool = False  # several samples per row (no attention across them): no padding waste
     prefetch_batches: int = 8  # batches prepared ahead by a background thread
     strict: bool = False  # bad rows raise an error instead of being skipped and counted
     trace_samples: bool = False  # log a hash of every trained sample per process (checks data order)
     # --- user-modeling SFT (train_file of records with user_id and target; see README) ---
-    ablation_config: str = "all"  # which of profile / history / context enter the prompt
-    prompt_style: str = "simple"  # simple (tagged sections) | detailed (natural language)
+    ablation_config: Literal["profile_only", "history_only", "context_only", "profile_and_history",
+                             "profile_and_context", "history_and_context", "all"] = "all"  # which of profile / history / context enter the prompt
+    prompt_style: Literal["simple", "detailed"] = "simple"  # simple (tagged sections) | detailed (natural language)
     max_history_items: int = 20  # newest earlier items of the same user shown as history
     max_samples_per_user: Optional[int] = None  # at most N samples per user; None: all
     sample_seed: int = 42  # seed of the per-user choice
     resample_each_epoch: bool = False  # a fresh seeded per-user choice every epoch
     val_ratio: float = 0.0  # share held out for validation when no validation_file is given
-    split_by: str = "user"  # user (whole users held out) | latest_item (each user's latest item)
+    split_by: Literal["user", "latest_item"] = "user"  # user (whole users held out) | latest_item (each user's latest item)
     # --- many GPUs (DeepSpeed ZeRO; see accelerate_configs/) ---
     deepspeed: str = ""  # DeepSpeed JSON config, e.g. accelerate_configs/ds_zero3.json; its "auto" values come from the other flags
     zero_stage: int = 0  # DeepSpeed ZeRO stage 1-3 without a JSON file; 0: off (or what --deepspeed / the launcher says)
@@ -94,17 +103,17 @@ class TrainConfig:
     div_factor: float = 25.0  # warmup starts at learn_rate / div_factor
     min_lr_ratio: float = 0.1  # cosine decays to learn_rate * min_lr_ratio
     warmup_steps: int = 30  # optimizer steps of linear warmup
-    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # cosine | linear | constant
     auto_batch_size: bool = False  # CUDA: largest micro-batch that fits; accumulation keeps the global batch
     max_gpu_memory_gb: float = 0.0  # CUDA: run as if the card had this much memory; 0: the whole card
-    optimizer: str = "adamw"  # adamw | adamw_8bit | adamw_4bit (torchao) | adafactor
+    optimizer: Literal["adamw", "adamw_8bit", "adamw_4bit", "adafactor"] = "adamw"  # adamw | adamw_8bit | adamw_4bit (torchao) | adafactor
     bf16_weights: bool = False  # bf16 master weights with stochastic rounding (needs torchao)
     weight_decay: float = 0.01  # AdamW decay of matrices (not biases and norms)
     adam_beta1: float = 0.9  # Adam first-moment decay
     adam_beta2: float = 0.95  # Adam second-moment decay
     adam_eps: float = 1e-8  # Adam denominator epsilon
     max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | no | bf16 | fp16
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto (bf16 on capable GPUs, else fp32) | no | bf16 | fp16
     seed: int = 42  # model init, data order and dropout
     skip_nonfinite: bool = True  # skip steps whose gradient norm is inf/nan (no host sync with fused adamw)
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
@@ -112,6 +121,14 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA weight of the old average per optimizer step
     freeze_embeddings: bool = False  # train everything but the token embeddings
     freeze_encoder: bool = False  # T5: train only the decoder
+    # --- adapters (peft) ---
+    lora_r: int = 0  # LoRA rank; 0: full fine-tuning
+    lora_alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_target_modules: list[str] = field(default_factory=list)  # module names to adapt; empty: every linear layer of the decoder blocks
+    lora_modules_to_save: list[str] = field(default_factory=list)  # modules trained in full beside the adapters, e.g. embed_tokens,lm_head
+    merge_lora: bool = True  # export merged full weights; False: a peft adapter directory
+    qlora: bool = False  # frozen base in 4-bit NF4 under the LoRA adapters (CUDA with bitsandbytes)
     early_stopping_patience: int = 0  # stop after this many evaluations without improvement; 0: off
     early_stopping_threshold: float = 0.0  # an improvement must lower eval loss by more than this
     # --- cadence, in optimizer steps ---
@@ -129,6 +146,7 @@ class TrainConfig:
     # --- resume ---
     is_keep_training: bool = False  # continue from the newest complete checkpoint of this run
     allow_config_change: bool = False  # resume even when the config no longer matches the checkpoint
+    overwrite_output_dir: bool = False  # a fresh run over an existing one deletes the old checkpoints, model and logs
     is_finetune: bool = False  # set by the SFT presets; informational
 
     def run_dir(self) -> str:
@@ -141,7 +159,13 @@ class TrainConfig:
         return self.train_state_dir or os.path.join(self.run_dir(), "checkpoints")
 
     def logging_dir(self) -> str:
-        return os.path.join(self.log_dir, self.run_name)
+        """Where metrics.jsonl and TensorBoard events go; two runs with different output dirs never share it."""
+        name = self.wandb_run_name or self.run_name
+        if self.log_dir:
+            return os.path.join(self.log_dir, name)
+        if os.path.normpath(self.output_dir) == "model_save":
+            return os.path.join("logs", name)
+        return os.path.join(self.run_dir(), "logs", name)
 
 
 @dataclass

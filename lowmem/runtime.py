@@ -59,7 +59,8 @@ def build_accelerator(cfg: TrainConfig):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=precision,
         log_with=[_tracker(name, cfg) for name in trackers] or None,
-        project_config=ProjectConfiguration(project_dir=cfg.run_dir(), logging_dir=cfg.log_dir),
+        # trackers write to logging_dir/<name>: the parent here, the name in init_trackers
+        project_config=ProjectConfiguration(project_dir=cfg.run_dir(), logging_dir=os.path.dirname(cfg.logging_dir())),
         step_scheduler_with_optimizer=False,
         **({"deepspeed_plugin": plugin} if plugin is not None else {}),
     )

@@ -112,7 +112,7 @@ def start_session(cfg: TrainConfig) -> Session:
     if cfg.is_keep_training:
         _resume(cfg, accelerator, checkpoints, model, optimizer, scheduler, ema, state)
     resumed_step = state["step"] if cfg.is_keep_training and state["step"] else None
-    accelerator.init_trackers(cfg.run_name, config={k: v for k, v in dataclasses.asdict(cfg).items()
+    accelerator.init_trackers(os.path.basename(cfg.logging_dir()), config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                      if isinstance(v, (int, float, str, bool))})
     session = Session(cfg, accelerator, tokenizer, model, data, optimizer, scheduler, checkpoints,
                       MetricsWriter(accelerator, cfg.logging_dir(), resumed_step), ema, state, total_steps,
