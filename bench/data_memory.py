@@ -19,7 +19,7 @@
    several 10k-row windows are read and dropped: RSS after the first batch, at the end, and peak,
    split into anonymous memory and mapped file pages (/proc/self/status RssAnon / RssFile).
 4. Time and memory to the first batch of 32, fresh subprocess each: pandas.read_parquet of the whole
-   file (then SampleEncoder on its first 32 rows) against ParquetRows -> SampleEncoder -> batches_from.
+   file (then SampleEncoder on its first 32 rows) against the streaming reader -> SampleEncoder -> batches_from.
    Both import torch, pandas, pyarrow and load the tokenizer before the clock starts ('RSS before').
 5. Row-group layout: the data path on the 1x parquet as written (10k-row groups) and rewritten as one
    row group (what pyarrow/pandas write by default for up to 1Mi rows).
@@ -240,7 +240,7 @@ def train_command(train_file: str, tokenizer_dir: str, workdir: str, run_name: s
             "--dataloader_buffer_size=10000", f"--batch_size_per_gpu={batch_size}", "--max_seq_len=128", "--epochs=1",
             "--report_to=none", "--validation_file=", "--test_file=", "--save_steps=100000",
             "--logging_steps=10", "--mixed_precision=no", f"--run_name={run_name}",
-            f"--output_dir={workdir}/runs", f"--log_dir={workdir}/logs"]
+            f"--output_dir={workdir}/runs", f"--log_dir={workdir}/logs", "--overwrite_output_dir=True", "--warmup_steps=0"]
 
 
 def child_env() -> dict:
@@ -260,7 +260,8 @@ def _rss_mib() -> float:
 def first_batch_child(mode: str, path: str, tokenizer_dir: str) -> dict:
     import torch  # noqa: F401  (the trainer has it loaded too; keep it out of the measured delta)
 
-    from lowmem.data.batches import SampleEncoder, batches_from
+    from lowmem.data.batches import batches_from, encode_stream
+    from lowmem.data.encoding import SampleEncoder
     from lowmem.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -268,7 +269,9 @@ def first_batch_child(mode: str, path: str, tokenizer_dir: str) -> dict:
     import pandas as pd  # both modes import both readers, so the baseline is the same
     import pyarrow.parquet  # noqa: F401
 
-    from lowmem.data.stream import ParquetRows
+    from config import TrainConfig
+    from lowmem.data.sources import open_dataset, parse_data_arg
+    from lowmem.data.stream import Shard, iter_shard
     if mode == "pandas_object":  # the pandas < 3.0 default: Python str objects in object columns
         pd.set_option("future.infer_string", False)
     baseline = _rss_mib()
@@ -279,10 +282,11 @@ def first_batch_child(mode: str, path: str, tokenizer_dir: str) -> dict:
         samples = enumerate({"prompt": p, "response": r} for p, r in zip(head["prompt"], head["response"]))
         dtype = str(frame["prompt"].dtype)
     else:
-        rows = ParquetRows(path, 10000, seed=42)
-        samples = rows.iter_shard(0, 0, 1, 0)
+        settings = TrainConfig(train_file=path, validation_file="", dataloader_buffer_size=10000, seed=42)
+        rows = open_dataset(parse_data_arg(path, "train_file")[0], settings, tokenizer).source
+        samples = iter_shard(rows, 0, Shard())
         dtype = "arrow window -> Python rows"
-    batch = next(batches_from(samples, encoder, 32, tokenizer.pad_token_id))
+    batch = next(batches_from(encode_stream(samples, encoder), 32, tokenizer.pad_token_id))
     elapsed = time.perf_counter() - start
     hwm = _hwm_mib()
     return {"mode": mode, "first_batch_s": round(elapsed, 3), "baseline_rss_mib": round(baseline, 1),
@@ -317,7 +321,9 @@ def data_pass_child(path: str, tokenizer_dir: str, n_batches: int) -> dict:
     baseline = _status_mib()
     start = time.perf_counter()
     data = TrainData(cfg, tokenizer, False, 0, 1, pin_memory=False)
-    batches = data.epoch(0, 0)
+    from lowmem.data.stream import Shard
+
+    batches = data.epoch(0, Shard(), 0)
     samples = tokens = 0
     first = None
     peak_anon = 0.0

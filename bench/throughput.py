@@ -234,7 +234,8 @@ def padding_efficiency(tok_dir: str, n: int = 768, seed: int = 0, max_len: int =
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding
 
-    from lowmem.data.batches import SampleEncoder, collate, packed_batches_from
+    from lowmem.data.batches import collate, encode_stream, packed_batches_from
+    from lowmem.data.encoding import Encoded, SampleEncoder
     from lowmem.template import IGNORE_INDEX
     from lowmem.tokenizer import load_tokenizer
 
@@ -256,8 +257,8 @@ def padding_efficiency(tok_dir: str, n: int = 768, seed: int = 0, max_len: int =
                                              DataCollatorWithFlattening())
         for i in range(0, n - bs + 1, bs):
             chunk = samples[i:i + bs]
-            ours = collate([{"input_ids": torch.tensor(s["input_ids"]), "labels": torch.tensor(s["labels"])}
-                            for s in chunk], tokenizer.pad_token_id, False, i + bs)
+            ours = collate([Encoded(torch.tensor(s["input_ids"]), torch.tensor(s["labels"])) for s in chunk],
+                           tokenizer.pad_token_id, False, i + bs)
             fractions[names[0]][0] += ours.real_tokens
             fractions[names[0]][1] += ours.total_tokens
             a = with_padding([{"input_ids": s["input_ids"]} for s in chunk])
@@ -271,7 +272,7 @@ def padding_efficiency(tok_dir: str, n: int = 768, seed: int = 0, max_len: int =
             fractions[names[4]][1] += c["input_ids"].numel()
         stream = ((pos, {"input_ids": np.asarray(s["input_ids"])}) for pos, s in enumerate(samples))
         packed_rows = 0
-        for batch in packed_batches_from(stream, encoder, bs, tokenizer.pad_token_id, max_len):
+        for batch in packed_batches_from(encode_stream(stream, encoder), bs, tokenizer.pad_token_id, max_len):
             fractions[names[1]][0] += batch.real_tokens
             fractions[names[1]][1] += batch.total_tokens
             packed_rows += batch.tensors["input_ids"].shape[0]

@@ -48,71 +48,52 @@ def token_file_path(path: str) -> str | None:
     return None
 
 
-def iter_rows(path: str, columns: Iterable[str] | None = None) -> Iterator[dict]:
-    """Rows of a parquet or jsonl file as dicts, a record batch (or a line) at a time."""
-    if not os.path.isfile(path):
-        raise UserError(f"file '{path}' does not exist; pass a .parquet or .jsonl file")
-    wanted = list(columns) if columns else None
-    if path.endswith(".parquet"):
-        from .data.stream import open_parquet
+def open_file(path: str, max_seq_len: int = 512, tokenizer=None, is_encoder_decoder: bool = False):
+    """One data file (or dir, glob, list) through the data registry, in file order: a sources.Dataset."""
+    from config import TrainConfig
 
-        pf = open_parquet(path)
-        present = [c for c in wanted if c in pf.schema_arrow.names] if wanted else None
-        if wanted and not present:
-            raise UserError(f"'{path}' has none of the columns {', '.join(wanted)} (it has "
-                            f"{', '.join(pf.schema_arrow.names)}); rename the columns")
-        for batch in pf.iter_batches(batch_size=1024, columns=present):
-            yield from batch.to_pylist()
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"'{path}' line {number} is not JSON ({exc.msg}); write one JSON object a line") \
-                        from None
-                if not isinstance(row, dict):
-                    raise UserError(f"'{path}' line {number} is not a JSON object; write one object per line")
-                yield row
-    else:
-        raise UserError(f"'{path}' must be .parquet, .jsonl or a token file (.bin with its .json)")
+    from .data.sources import open_dataset, parse_data_arg
+
+    specs = parse_data_arg(path, "file")
+    if len(specs) != 1:
+        raise UserError(f"'{path}' names a weighted mixture; evaluate one dataset at a time")
+    settings = TrainConfig(train_file=path, validation_file="", test_file="", max_seq_len=max_seq_len)
+    return open_dataset(specs[0], settings, tokenizer, is_encoder_decoder, shuffle=False, flag="file", log=lambda _: None)
 
 
-def _row_kind(row: dict, path: str) -> str:
-    if "prompt" in row and "response" in row:
-        return "prompt_response"
-    if "text" in row:
-        return "text"
-    raise UserError(f"'{path}' needs prompt+response or text fields, found {sorted(row)}; rename the columns")
+def iter_rows(path: str, columns: Iterable[str] | None = None, tokenizer=None) -> Iterator[dict]:
+    """Rows of a data file as dicts with canonical keys (prompt, response, text, messages, ...), in file order."""
+    dataset = open_file(path, tokenizer=tokenizer)
+    if dataset.kind in ("tokens", "sft_cache"):
+        raise UserError(f"'{path}' is a {dataset.kind.replace('_', ' ')} file; pass a parquet or jsonl file")
+    if columns is not None and not set(columns) & _KIND_KEYS[dataset.kind]:
+        raise UserError(f"'{path}' holds {dataset.kind.replace('_', '/')} data; this needs {' and '.join(columns)} "
+                        "columns (name them with --prompt_column/--response_column)")
+    for index in range(dataset.source.num_samples):
+        row = dataset.source.sample(0, index)
+        if "_skip" not in row:
+            yield row
+
+
+_KIND_KEYS = {"prompt_response": {"prompt", "response"}, "records": {"prompt", "response"}, "prompts": {"prompt"},
+             "text": {"text"},
+              "messages": {"messages"}, "sharegpt": {"conversations"}}
 
 
 # ---------------------------------------------------------------- loss and perplexity
 
-def _token_windows(path: str, max_seq_len: int) -> Iterator[dict]:
-    from .data.token_file import TokenFile
-
-    tokens = TokenFile(path).tokens
-    for start in range(0, len(tokens), max_seq_len):
-        window = np.asarray(tokens[start:start + max_seq_len], dtype=np.int64)
-        if len(window) >= 2:  # a window of one token predicts nothing
-            yield {"input_ids": window}
-
-
-def _samples(path: str, max_seq_len: int) -> Iterator[dict]:
-    token_path = token_file_path(path)
-    if token_path is not None:
-        if not os.path.isfile(token_path):
-            raise UserError(f"token file '{token_path}' does not exist; write it with "
-                            "`train_low_mem.py prepare tokenize`")
-        yield from _token_windows(token_path, max_seq_len)
+def _samples(path: str, max_seq_len: int, tokenizer=None, is_encoder_decoder: bool = False) -> Iterator[dict]:
+    dataset = open_file(path, max_seq_len, tokenizer, is_encoder_decoder)
+    if dataset.kind == "tokens":  # every token is scored: windows in file order, the shorter last one too
+        for file in dataset.source.files:
+            tokens = file.tokens
+            for start in range(0, len(tokens), max_seq_len):
+                window = np.asarray(tokens[start:start + max_seq_len], dtype=np.int64)
+                if len(window) >= 2:  # a window of one token predicts nothing
+                    yield {"input_ids": window}
         return
-    kind = None
-    for row in iter_rows(path, ("prompt", "response", "text")):
-        kind = kind or _row_kind(row, path)
-        yield {"prompt": row.get("prompt"), "response": row.get("response")} if kind == "prompt_response" \
-            else {"text": row.get("text")}
+    for index in range(dataset.source.num_samples):
+        yield dataset.source.sample(0, index)
 
 
 def summed_loss(model, tensors: dict, is_encoder_decoder: bool) -> torch.Tensor:
@@ -130,7 +111,8 @@ def summed_loss(model, tensors: dict, is_encoder_decoder: bool) -> torch.Tensor:
 def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int = 8,
                   max_examples: int | None = None) -> dict:
     """{"loss", "perplexity", "tokens", "examples", ...} of the model on a data file."""
-    from .data.batches import SampleEncoder, collate
+    from .data.batches import collate
+    from .data.encoding import SampleEncoder, Skipped
     from .generate import eval_mode, is_encoder_decoder
 
     if max_seq_len < 2 or batch_size < 1:
@@ -139,9 +121,10 @@ def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoder = SampleEncoder(tokenizer, max_seq_len, is_encoder_decoder=enc_dec, source=file)
+    skipped: Counter = Counter()
     total, tokens, examples = 0.0, 0, 0
 
-    def run(pending: list[dict]) -> None:
+    def run(pending: list) -> None:
         nonlocal total, tokens
         batch = collate(pending, pad_id, enc_dec, position=0)
         tensors = {k: v.to(device) for k, v in batch.tensors.items()}
@@ -151,14 +134,19 @@ def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int
     if enc_dec and token_file_path(file) is not None:
         raise UserError(f"'{file}' is a packed token file, which only decoder models read; evaluate T5 on a "
                         "prompt/response file")
-    pending: list[dict] = []
+    pending: list = []
     with eval_mode(model), torch.no_grad():
-        for position, sample in enumerate(_samples(file, max_seq_len)):
+        for position, sample in enumerate(_samples(file, max_seq_len, tokenizer, enc_dec)):
             if max_examples and position >= max_examples:
                 break
-            encoded = encoder(sample, position)
-            if encoded is None:
+            if "_skip" in sample:
+                skipped[f"skipped_{sample['_skip']}"] += 1
                 continue
+            encoded = encoder.encode_many([sample], [position])[0]
+            if isinstance(encoded, Skipped):
+                skipped[f"skipped_{encoded.reason}"] += 1
+                continue
+            skipped.update(encoded.notes)
             examples += 1
             pending.append(encoded)
             if len(pending) == batch_size:
@@ -167,11 +155,11 @@ def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int
         if pending:
             run(pending)
     if tokens == 0:
-        raise UserError(f"'{file}' gave no tokens to score (empty, or every row skipped: {dict(encoder.counts)}); "
+        raise UserError(f"'{file}' gave no tokens to score (empty, or every row skipped: {dict(skipped)}); "
                         "check the file and --max_seq_len")
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": tokens,
-            "examples": examples, "file": file, "max_seq_len": max_seq_len, **dict(encoder.counts)}
+            "examples": examples, "file": file, "max_seq_len": max_seq_len, **dict(skipped)}
 
 
 # ---------------------------------------------------------------- BLEU and exact match
@@ -209,23 +197,27 @@ def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) ->
 
 
 def generation_metrics(model, tokenizer, file: str, options=None, batch_size: int = 8,
-                       max_examples: int | None = None, n_samples: int = 5) -> dict:
-    """Exact-match rate and corpus BLEU-4 of generated answers against a prompt/response file."""
+                       max_examples: int | None = None, n_samples: int = 5, progress: str | None = None) -> dict:
+    """Exact-match rate and corpus BLEU-4 of generated answers against a prompt/response file.
+
+    `progress`: a description shows a progress bar over the prompts (the end-of-run test answering).
+    """
     from .generate import GenerationOptions, iter_generate
 
     options = options or GenerationOptions(greedy=True)
     prompts, references = [], []
-    for row in iter_rows(file, ("prompt", "response")):
-        if "prompt" not in row or "response" not in row:
-            raise UserError(f"'{file}' needs prompt and response fields for generation metrics, found {sorted(row)}")
+    for row in iter_rows(file, ("prompt", "response"), tokenizer):
         if max_examples and len(prompts) >= max_examples:
             break
-        if isinstance(row["prompt"], str) and isinstance(row["response"], str):
+        if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
             prompts.append(row["prompt"])
             references.append(row["response"])
     if not prompts:
         raise UserError(f"'{file}' has no prompt/response rows to generate from")
-    predictions = list(iter_generate(model, tokenizer, prompts, options, batch_size))
+    from tqdm import tqdm
+
+    with tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None, dynamic_ncols=True) as bar:
+        predictions = list(iter_generate(model, tokenizer, prompts, options, batch_size, on_batch=bar.update))
     exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(prompts)
     bleu = corpus_bleu([p.strip() for p in predictions], [r.strip() for r in references])
     samples = [{"prompt": p, "reference": r, "prediction": h}

@@ -1,7 +1,8 @@
-"""Samples to batches: encode on the fly, pad to the longest in the batch, prefetch in a thread.
+"""Samples to batches: encode on the fly in groups, pad to the longest in the batch or pack, prefetch in a thread.
 
 Each batch records the sample position after it, so a checkpoint taken after any optimizer step
-resumes the stream at exactly the next sample.
+resumes the stream at exactly the next sample, and the counters of the rows it consumed (skips,
+truncations, samples per dataset), so counts survive a resume and never include prefetched rows.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import UserError
-from ..template import IGNORE_INDEX, encode_example
+from ..template import IGNORE_INDEX
+
+ENCODE_GROUP = 64  # samples per batched tokenizer call
 
 
 @dataclass
@@ -27,53 +30,51 @@ class Batch:
     samples: int
     sample_hashes: list[str] = field(default_factory=list)  # filled only when tracing
     skip: int = 0  # ...and how many batches built from there to drop (packing builds several per chunk)
+    counts: Counter = field(default_factory=Counter)  # skipped/truncated rows and samples per dataset it consumed
+    sample_positions: list[int] = field(default_factory=list)  # packing: positions of the samples it holds
 
 
-@dataclass
-class SampleEncoder:
-    """Turns a raw sample into input_ids/labels; bad or unusable rows are counted, or raise when strict."""
+def encode_stream(samples: Iterable[tuple[int, dict]], encoder, names: list[str] | None = None
+                  ) -> Iterator[tuple[int, object, Counter]]:
+    """(position, encoded sample or None, counters of that row), encoding ENCODE_GROUP samples per tokenizer call.
 
-    tokenizer: object
-    max_seq_len: int
-    is_encoder_decoder: bool = False
-    train_on_prompt: bool = False
-    strict: bool = False
-    source: str = ""
-    trace: bool = False  # hash each sample's tokens so tests can check the data order
-    counts: Counter = field(default_factory=Counter)
+    A row the reader could not parse arrives as {'_skip': reason}; `_source` names a mixture's dataset.
+    """
+    pending: list[tuple[int, dict]] = []
+    for item in samples:
+        pending.append(item)
+        if len(pending) == ENCODE_GROUP:
+            yield from _encode_group(pending, encoder, names)
+            pending = []
+    if pending:
+        yield from _encode_group(pending, encoder, names)
 
-    def _skip(self, reason: str, position: int):
-        if self.strict:
-            raise UserError(f"'{self.source}' sample {position}: {reason} (run without --strict to skip such rows)")
-        self.counts[f"skipped_{reason}"] += 1
-        return None
 
-    def __call__(self, sample: dict, position: int = -1) -> dict | None:
-        if "input_ids" in sample:  # token windows
-            ids = torch.as_tensor(sample["input_ids"])
-            return {"input_ids": ids, "labels": ids}
-        if "text" in sample:
-            text = sample["text"]
-            if not isinstance(text, str) or not text.strip():
-                return self._skip("empty_or_null", position)
-            if self.is_encoder_decoder:
-                raise UserError(f"'{self.source}': T5 needs prompt/response columns, not text")
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-            if len(ids) > self.max_seq_len:
-                self.counts["truncated_text"] += 1
-                ids = ids[: self.max_seq_len]
-            ids = torch.tensor(ids)
-            return {"input_ids": ids, "labels": ids}
-        prompt, response = sample.get("prompt"), sample.get("response")
-        if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
-            return self._skip("empty_or_null", position)
-        example = encode_example(self.tokenizer, prompt, response, self.max_seq_len,
-                                 is_encoder_decoder=self.is_encoder_decoder, train_on_prompt=self.train_on_prompt)
-        if example is None:
-            return self._skip("response_too_long", position)
-        if example.truncated:
-            self.counts["truncated_prompt"] += 1
-        return {"input_ids": torch.tensor(example.input_ids), "labels": torch.tensor(example.labels)}
+def _encode_group(pending, encoder, names) -> Iterator[tuple[int, object, Counter]]:
+    from .encoding import Skipped
+
+    readable = [(p, s) for p, s in pending if "_skip" not in s]
+    results = iter(encoder.encode_many([{k: v for k, v in s.items() if not k.startswith("_")} for _, s in readable],
+                                       [p for p, _ in readable]))
+    for position, sample in pending:
+        counts: Counter = Counter()
+        if "_skip" in sample:
+            if encoder.strict:
+                raise UserError(f"'{encoder.source}' sample {position}: {sample['_skip'].replace('_', ' ')} (run without "
+                                "--strict to skip such rows)")
+            counts[f"skipped_{sample['_skip']}"] += 1
+            yield position, None, counts
+            continue
+        result = next(results)
+        if isinstance(result, Skipped):
+            counts[f"skipped_{result.reason}"] += 1
+            yield position, None, counts
+            continue
+        counts.update(result.notes)
+        counts.update(sample.get("_notes", ()))  # notes recorded when a tokenize-once cache was built
+        if names and "_source" in sample:
+            counts[f"seen_{names[sample['_source']]}"] += 1
+        yield position, result, counts
 
 
 def sample_hash(ids: torch.Tensor) -> str:
@@ -82,51 +83,53 @@ def sample_hash(ids: torch.Tensor) -> str:
     return hashlib.md5(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-def collate(encoded: list[dict], pad_id: int, is_encoder_decoder: bool, position: int, trace: bool = False) -> Batch:
+def collate(encoded: list, pad_id: int, is_encoder_decoder: bool, position: int, trace: bool = False,
+            counts: Counter | None = None) -> Batch:
     """Pad to the longest sample of the batch."""
-    width = max(len(e["input_ids"]) for e in encoded)
+    width = max(len(e.input_ids) for e in encoded)
     n = len(encoded)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
-    label_width = max(len(e["labels"]) for e in encoded) if is_encoder_decoder else width
+    label_width = max(len(e.labels) for e in encoded) if is_encoder_decoder else width
     labels = torch.full((n, label_width), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(encoded):
-        k = len(e["input_ids"])
-        input_ids[i, :k] = e["input_ids"]
+        k = len(e.input_ids)
+        input_ids[i, :k] = e.input_ids
         attention[i, :k] = 1
-        labels[i, : len(e["labels"])] = e["labels"]
+        labels[i, : len(e.labels)] = e.labels
     counted = labels if is_encoder_decoder else labels[:, 1:]
     real = int(attention.sum())
     return Batch({"input_ids": input_ids, "attention_mask": attention, "labels": labels},
                  label_tokens=int((counted != IGNORE_INDEX).sum()), real_tokens=real,
                  total_tokens=input_ids.numel(), position=position, samples=n,
-                 sample_hashes=[sample_hash(e["input_ids"]) for e in encoded] if trace else [])
+                 sample_hashes=[sample_hash(e.input_ids) for e in encoded] if trace else [], counts=counts or Counter())
 
 
-def batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, batch_size: int,
-                 pad_id: int) -> Iterator[Batch]:
+def batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int,
+                 is_encoder_decoder: bool = False, trace: bool = False) -> Iterator[Batch]:
     """Group encoded samples into batches of batch_size (the epoch's last may be smaller)."""
-    pending: list[dict] = []
+    pending: list = []
+    counts: Counter = Counter()
     position = 0
-    for position, sample in samples:
-        encoded = encoder(sample, position)
+    for position, encoded, row_counts in stream:
+        counts.update(row_counts)
         if encoded is None:
             continue
         pending.append(encoded)
         if len(pending) == batch_size:
-            yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1, encoder.trace)
-            pending = []
+            yield collate(pending, pad_id, is_encoder_decoder, position + 1, trace, counts)
+            pending, counts = [], Counter()
     if pending:
-        yield collate(pending, pad_id, encoder.is_encoder_decoder, position + 1, encoder.trace)
+        yield collate(pending, pad_id, is_encoder_decoder, position + 1, trace, counts)
 
 
-def pack_rows(encoded: list[dict], max_len: int) -> list[list[dict]]:
+def pack_rows(encoded: list, max_len: int) -> list[list]:
     """First-fit decreasing: longest samples first, each into the first row with room for it."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(encoded[i]["input_ids"])
+        n = len(encoded[i].input_ids)
         for r, free in enumerate(room):
             if n <= free:
                 rows[r].append(i)
@@ -138,66 +141,73 @@ def pack_rows(encoded: list[dict], max_len: int) -> list[list[dict]]:
     return [[encoded[i] for i in sorted(row)] for row in rows]
 
 
-def collate_packed(rows: list[list[dict]], pad_id: int, position: int, skip: int, trace: bool = False) -> Batch:
+def collate_packed(rows: list[list], pad_id: int, position: int, skip: int, trace: bool = False,
+                   counts: Counter | None = None, positions: list[int] | None = None) -> Batch:
     """Several samples per row; position ids restart at each sample, so attention stays within it.
 
     No attention mask is passed: transformers derives a block-diagonal causal mask (SDPA, eager) or
     varlen boundaries (flash-attn) from the restarting position ids. Each sample's first label is
     ignored so no token learns to predict the next sample.
     """
-    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((n, width), dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     real, hashes = 0, []
     for i, row in enumerate(rows):
         start = 0
         for e in row:
-            k = len(e["input_ids"])
-            input_ids[i, start:start + k] = e["input_ids"]
-            positions[i, start:start + k] = torch.arange(k)
-            labels[i, start + 1:start + k] = e["labels"][1:]
+            k = len(e.input_ids)
+            input_ids[i, start:start + k] = e.input_ids
+            position_ids[i, start:start + k] = torch.arange(k)
+            labels[i, start + 1:start + k] = e.labels[1:]
             start += k
             if trace:
-                hashes.append(sample_hash(e["input_ids"]))
-        positions[i, start:] = torch.arange(width - start)  # the padding tail is a sequence of its own
+                hashes.append(sample_hash(e.input_ids))
+        position_ids[i, start:] = torch.arange(width - start)  # the padding tail is a sequence of its own
         real += start
-    return Batch({"input_ids": input_ids, "position_ids": positions, "labels": labels},
+    return Batch({"input_ids": input_ids, "position_ids": position_ids, "labels": labels},
                  label_tokens=int((labels != IGNORE_INDEX).sum()), real_tokens=real, total_tokens=n * width,
-                 position=position, samples=sum(len(r) for r in rows), sample_hashes=hashes, skip=skip)
+                 position=position, samples=sum(len(r) for r in rows), sample_hashes=hashes, skip=skip,
+                 counts=counts or Counter(), sample_positions=positions or [])
 
 
-def packed_batches_from(samples: Iterable[tuple[int, dict]], encoder: SampleEncoder, batch_size: int,
-                        pad_id: int, max_len: int, chunk_rows: int = 32) -> Iterator[Batch]:
+def packed_batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int, max_len: int,
+                        trace: bool = False, chunk_rows: int = 32) -> Iterator[Batch]:
     """Pack chunks of samples (about chunk_rows batches' worth of tokens) into full rows.
 
     A chunk yields several batches; each records the chunk's start and how many of its batches are
-    done, so a resume rebuilds the same chunk and drops those.
+    done, so a resume rebuilds the same chunk and drops those. The chunk's counters ride on its last batch.
     """
     budget = batch_size * max_len * chunk_rows
-    pending: list[dict] = []
+    pending: list[tuple[int, object]] = []
+    counts: Counter = Counter()
     tokens, chunk_start, position = 0, None, -1
-    for position, sample in samples:
+    for position, encoded, row_counts in stream:
         chunk_start = position if chunk_start is None else chunk_start
-        encoded = encoder(sample, position)
+        counts.update(row_counts)
         if encoded is None:
             continue
-        pending.append(encoded)
-        tokens += len(encoded["input_ids"])
+        pending.append((position, encoded))
+        tokens += len(encoded.input_ids)
         if tokens >= budget:
-            yield from _emit_chunk(pending, encoder, batch_size, pad_id, max_len, chunk_start, position + 1)
-            pending, tokens, chunk_start = [], 0, None
-    if pending:
-        yield from _emit_chunk(pending, encoder, batch_size, pad_id, max_len, chunk_start, position + 1)
+            yield from _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, position + 1, trace, counts)
+            pending, counts, tokens, chunk_start = [], Counter(), 0, None
+    if pending or counts:
+        yield from _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, position + 1, trace, counts)
 
 
-def _emit_chunk(pending, encoder, batch_size, pad_id, max_len, chunk_start, chunk_end) -> Iterator[Batch]:
-    rows = pack_rows(pending, max_len)
+def _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, chunk_end, trace, counts) -> Iterator[Batch]:
+    if not pending:
+        return  # every row of the last chunk was skipped: nothing to train, the counts go nowhere
+    where = {id(e): p for p, e in pending}
+    rows = pack_rows([e for _, e in pending], max_len)
     groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     for j, group in enumerate(groups):
         last = j == len(groups) - 1
-        yield collate_packed(group, pad_id, chunk_end if last else chunk_start, 0 if last else j + 1, encoder.trace)
+        yield collate_packed(group, pad_id, chunk_end if last else chunk_start, 0 if last else j + 1, trace,
+                             counts if last else None, [where[id(e)] for row in group for e in row])
 
 
 def skip_batches(batches: Iterator[Batch], skip: int) -> Iterator[Batch]:

@@ -1,4 +1,9 @@
-"""The loop's view of the data: per-epoch batch streams for this process, and validation batches."""
+"""The loop's view of the data: this process's batches of each epoch, resumable at any position, and the
+validation sets.
+
+The training data is one dataset or a weighted mixture of several (lowmem/data/sources.py opens them);
+validation is one or more datasets, each evaluated on its own. The loop never sees file formats.
+"""
 from __future__ import annotations
 
 import math
@@ -6,9 +11,24 @@ from typing import Iterator
 
 from config import TrainConfig
 
-from .batches import Batch, Prefetcher, SampleEncoder, batches_from, packed_batches_from, skip_batches
-from .sft import is_record_file, open_record_sources
-from .stream import open_source
+from ..errors import UserError
+from .batches import Batch, Prefetcher, batches_from, encode_stream, packed_batches_from, skip_batches
+from .encoding import SampleEncoder, Skipped
+from .mixture import Mixture
+from .sources import Dataset, data_group, open_dataset, parse_data_arg, specs_from_list
+from .stream import Shard, iter_shard
+
+PEEK_SAMPLES = 256  # rows encoded before step 1 to refuse a training file with none usable
+
+
+def train_specs(cfg: TrainConfig):
+    return specs_from_list(cfg.datasets, "datasets") if cfg.datasets else parse_data_arg(cfg.train_file, "train_file")
+
+
+def validation_specs(cfg: TrainConfig):
+    if cfg.validation_datasets:
+        return specs_from_list(cfg.validation_datasets, "validation_datasets")
+    return parse_data_arg(cfg.validation_file, "validation_file")
 
 
 class TrainData:
@@ -17,40 +37,106 @@ class TrainData:
     def __init__(self, cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, rank: int, world: int,
                  pin_memory: bool, log=print):
         self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
-        self.packing = cfg.packing and not is_encoder_decoder  # T5 batches are padded
-        if is_record_file(cfg.train_file):
-            self.source, self.validation = open_record_sources(cfg, tokenizer, is_encoder_decoder, log)
+        specs = train_specs(cfg)
+        if not specs:
+            raise UserError("no training data: set --train_file (or a datasets: list in a --config file)")
+        self.datasets = [open_dataset(spec, cfg, tokenizer, is_encoder_decoder, True, "train_file", log)
+                         for spec in specs]
+        for d in self.datasets:
+            if d.kind == "prompts":
+                raise UserError(f"training data '{d.spec.paths[0]}' has a prompt column but no "
+                                f"'{d.spec.column(cfg, 'response_column')}' column; SFT needs both (name them with "
+                                "--prompt_column/--response_column)")
+        if len(self.datasets) == 1:
+            self.source, self.names = self.datasets[0].source, None
         else:
-            self.source = open_source(cfg.train_file, cfg.max_seq_len, cfg.dataloader_buffer_size, cfg.seed)
-            self.validation = None
-            if cfg.validation_file:
-                self.validation = open_source(cfg.validation_file, cfg.max_seq_len, cfg.dataloader_buffer_size,
-                                              cfg.seed, shuffle=False)
-        self.encoder = SampleEncoder(tokenizer, cfg.max_seq_len, is_encoder_decoder, cfg.train_on_prompt,
-                                     cfg.strict, cfg.train_file)
+            self.names = [d.name for d in self.datasets]
+            self.source = Mixture([d.source for d in self.datasets], [d.spec.weight for d in self.datasets],
+                                  self.names, cfg.seed)
+        self.validation = self._open_validation(cfg, tokenizer, is_encoder_decoder, log)
+        self.is_encoder_decoder = is_encoder_decoder
+        self.packing = cfg.packing and not is_encoder_decoder  # T5 batches are padded
+        self.encoder = self._encoder(tokenizer, cfg.train_file)
         self.pad_id = tokenizer.pad_token_id
+        self.trace = cfg.trace_samples
+
+    def _open_validation(self, cfg, tokenizer, is_encoder_decoder, log) -> list[tuple[Dataset, float]]:
+        """[(dataset, weight)]: the records' held-out part, or the validation datasets."""
+        held_out = getattr(self.datasets[0].source, "held_out", None)
+        if held_out is not None:
+            return [(Dataset(self.datasets[0].spec, "records", held_out), 1.0)]
+        sets = [open_dataset(spec, cfg, tokenizer, is_encoder_decoder, False, "validation_file", log)
+                for spec in validation_specs(cfg)]
+        groups = {data_group(d.kind) for d in self.datasets}
+        for d in sets:
+            if data_group(d.kind) not in groups:
+                raise UserError(f"validation data '{d.spec.paths[0]}' is {data_group(d.kind)} data ({d.kind}) but the "
+                                f"training data is {' and '.join(sorted(groups))}; validate on data of the same kind")
+        return [(d, d.spec.weight if d.spec.weight is not None else 1.0) for d in sets]
+
+    def _encoder(self, tokenizer, source_name: str) -> SampleEncoder:
+        cfg = self.cfg
+        return SampleEncoder(tokenizer, cfg.max_seq_len, self.is_encoder_decoder, cfg.train_on, cfg.train_on_prompt,
+                             cfg.strict, source_name)
+
+    def describe(self) -> str:
+        """One line per dataset for the start-up summary: kind, files, samples, weight, empty shards."""
+        lines = []
+        for d in self.datasets:
+            empty = getattr(d.source, "empty_shards", [])
+            weight = f", weight {d.spec.weight:g}" if d.spec.weight is not None and len(self.datasets) > 1 else ""
+            skipped = f", {len(empty)} empty file(s) skipped" if empty else ""
+            lines.append(f"train data '{d.name}': {d.kind}, {len(d.spec.paths)} file(s), {d.source.num_samples} "
+                         f"samples{weight}{skipped}")
+        if isinstance(self.source, Mixture):
+            lines.append(f"mixture: one epoch = {self.source.num_samples} samples drawn by weight (smaller datasets "
+                         "repeat, larger ones are subsampled and continue next epoch)")
+        for d, _ in self.validation:
+            lines.append(f"validation data '{d.name}': {d.kind}, {d.source.num_samples} samples")
+        return "\n".join(lines)
 
     def batches_per_epoch(self) -> int:
         """Micro-batches per process per epoch (an estimate when packing or when rows are skipped)."""
         samples = math.ceil(self.source.num_samples / self.world)
-        if self.packing and hasattr(self.source, "seq_len"):
-            return math.ceil(samples / self.cfg.batch_size_per_gpu)
-        if self.packing:  # a guess that only sets the LR schedule's length: about 3 samples per row
+        tokens_only = all(d.kind == "tokens" for d in self.datasets)
+        if self.packing and not tokens_only:  # a guess that only sets the LR schedule's length: ~3 samples per row
             return max(1, math.ceil(samples / (3 * self.cfg.batch_size_per_gpu)))
-        return math.ceil(samples / self.cfg.batch_size_per_gpu)
+        return max(1, math.ceil(samples / self.cfg.batch_size_per_gpu))
+
+    def check_before_training(self, vocab_size: int) -> None:
+        """Refuse data the run cannot use before step 1: token ids past the vocabulary, no usable row at all."""
+        for d in self.datasets:
+            if hasattr(d.source, "check_ids"):
+                d.source.check_ids(vocab_size)
+        n = min(PEEK_SAMPLES, self.source.num_samples)
+        samples = [self.source.sample(0, g) for g in range(n)]
+        readable = [{k: v for k, v in s.items() if not k.startswith("_")} for s in samples if "_skip" not in s]
+        results = self.encoder.encode_many(readable, list(range(len(readable)))) if readable else []
+        if not any(not isinstance(r, Skipped) for r in results):
+            reasons = sorted({r.reason for r in results} | {s["_skip"] for s in samples if "_skip" in s})
+            raise UserError(f"no usable rows in the first {n} samples of the training data ({self.describe_first()}): "
+                            f"every one was skipped ({', '.join(reasons) or 'no rows'}); check the columns and "
+                            "--max_seq_len")
+
+    def describe_first(self) -> str:
+        return self.datasets[0].spec.paths[0] + (" ..." if len(self.datasets) > 1 else "")
 
     def _batches(self, samples, encoder) -> Iterator[Batch]:
+        stream = encode_stream(samples, encoder, self.names)
         if self.packing:
-            return packed_batches_from(samples, encoder, self.cfg.batch_size_per_gpu, self.pad_id, self.cfg.max_seq_len)
-        return batches_from(samples, encoder, self.cfg.batch_size_per_gpu, self.pad_id)
+            return packed_batches_from(stream, self.cfg.batch_size_per_gpu, self.pad_id, self.cfg.max_seq_len, self.trace)
+        return batches_from(stream, self.cfg.batch_size_per_gpu, self.pad_id, self.is_encoder_decoder, self.trace)
 
-    def epoch(self, epoch: int, start_position: int, skip: int = 0) -> Prefetcher:
-        samples = self.source.iter_shard(epoch, self.rank, self.world, start_position)
+    def epoch(self, epoch: int, shard: Shard, start_position: int, skip: int = 0) -> Prefetcher:
+        samples = iter_shard(self.source, epoch, shard, start_position)
         stream = skip_batches(self._batches(samples, self.encoder), skip)
         return Prefetcher(stream, self.cfg.prefetch_batches, self.pin_memory)
 
-    def validation_batches(self) -> Iterator[Batch]:
-        """This process's share of the validation file, in file order."""
-        encoder = SampleEncoder(self.encoder.tokenizer, self.cfg.max_seq_len, self.encoder.is_encoder_decoder,
-                                self.cfg.train_on_prompt, self.cfg.strict, self.cfg.validation_file)
-        return self._batches(self.validation.iter_shard(0, self.rank, self.world, 0), encoder)
+    def validation_batches(self) -> list[tuple[str, float, Iterator[Batch]]]:
+        """(name, weight, this process's batches in file order) of each validation dataset."""
+        out = []
+        for d, weight in self.validation:
+            encoder = self._encoder(self.encoder.tokenizer, d.spec.paths[0])
+            samples = iter_shard(d.source, 0, Shard(self.rank, self.world), 0)
+            out.append((d.name, weight, self._batches(samples, encoder)))
+        return out

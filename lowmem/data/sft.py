@@ -6,8 +6,6 @@ Each epoch's sample list is a pure function of (sample_seed, epoch), so resume s
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 from config import TrainConfig
 
 from ..errors import UserError
@@ -16,18 +14,6 @@ from .stream import epoch_rng
 from .user_prompts import ABLATIONS, PROMPT_STYLES, fit_prompt
 from .usermodel import (SPLIT_MODES, build_history, describe_skips, format_summary, read_records, sample_per_user,
                         split_train_val, summarize)
-
-
-def is_record_file(path: str) -> bool:
-    """jsonl files, and parquet files with user_id and target columns, hold user-modeling records."""
-    if path.endswith(".jsonl"):
-        return True
-    if path.endswith(".parquet"):
-        from .stream import open_parquet
-
-        names = set(open_parquet(path).schema_arrow.names)
-        return {"user_id", "target"} <= names
-    return False
 
 
 class UserRecordSource:
@@ -39,6 +25,9 @@ class UserRecordSource:
         self.cap = cfg.max_samples_per_user if resample else None
         self.tokenizer, self.is_encoder_decoder = tokenizer, is_encoder_decoder
         self.num_samples = len(self.chosen(0))
+        self._epoch: tuple | None = None
+        self.held_out = None  # the validation part when --val_ratio splits the records
+        self.empty_shards: list[str] = []
 
     def chosen(self, epoch: int):
         if self.cap is None:
@@ -53,16 +42,18 @@ class UserRecordSource:
             return len(encode_prompt(self.tokenizer, build_messages(prompt), self.is_encoder_decoder)) <= budget
         return fits
 
-    def iter_shard(self, epoch: int, rank: int, world: int, start: int = 0) -> Iterator[tuple[int, dict]]:
-        chosen = self.chosen(epoch)
-        order = epoch_rng(self.cfg.seed, epoch).permutation(len(chosen)) if self.shuffle else range(len(chosen))
-        mine = list(order)[rank::world]
-        for position in range(start, len(mine)):
-            record = chosen[int(mine[position])]
-            response_len = len(self.tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 2
-            prompt = fit_prompt(record, self.cfg.ablation_config, self.cfg.prompt_style, self._fits(response_len),
-                                self.cfg.max_history_items)
-            yield position, {"prompt": prompt, "response": record.target}
+    def sample(self, epoch: int, index: int) -> dict:
+        """The index-th sample of the epoch's seeded order (the per-user choice is made per epoch)."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            chosen = self.chosen(epoch)
+            order = epoch_rng(self.cfg.seed, epoch).permutation(len(chosen)) if self.shuffle else range(len(chosen))
+            self._epoch = (epoch, chosen, [int(i) for i in order])
+        _, chosen, order = self._epoch
+        record = chosen[order[index]]
+        response_len = len(self.tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 2
+        prompt = fit_prompt(record, self.cfg.ablation_config, self.cfg.prompt_style, self._fits(response_len),
+                            self.cfg.max_history_items)
+        return {"prompt": prompt, "response": record.target}
 
 
 def check_options(cfg: TrainConfig) -> None:
@@ -78,23 +69,27 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError(f"--val_ratio={cfg.val_ratio} must be in [0, 1)")
 
 
-def open_record_sources(cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, log) -> tuple:
-    """(train source, validation source or None) from record files, with the start-up summary logged."""
+def open_records(paths: list[str], cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, shuffle: bool = True,
+                 log=print) -> UserRecordSource:
+    """Records of one dataset as a sample source; for training with --val_ratio, `held_out` holds the validation part."""
     check_options(cfg)
-    records, skips = read_records(cfg.train_file, strict=cfg.strict)
+    records, skips = [], {}
+    for path in paths:
+        more, more_skips = read_records(path, strict=cfg.strict)
+        records += more
+        for reason, count in more_skips.items():
+            skips[reason] = skips.get(reason, 0) + count
     if not records:
-        raise UserError(f"'{cfg.train_file}' has no usable records (skipped: {describe_skips(skips)})")
+        raise UserError(f"'{paths[0]}' has no usable records (skipped: {describe_skips(skips)})")
     records = build_history(records, cfg.max_history_items)
     validation = None
-    if cfg.val_ratio > 0:  # an explicit split wins over a preset's validation_file
+    if shuffle and cfg.val_ratio > 0:  # an explicit split wins over a preset's validation_file
         records, validation, report = split_train_val(records, cfg.val_ratio, cfg.split_by, cfg.seed)
         log(f"validation split by {cfg.split_by}: {report}")
-    elif cfg.validation_file:
-        val_records, _ = read_records(cfg.validation_file, strict=cfg.strict)
-        validation = build_history(val_records, cfg.max_history_items)
-    train = UserRecordSource(records, cfg, tokenizer, is_encoder_decoder)
-    log(f"records: skipped {describe_skips(skips)}\n{format_summary(summarize(records, train.chosen(0)))}")
-    val_source = None
+    source = UserRecordSource(records, cfg, tokenizer, is_encoder_decoder, shuffle=shuffle, resample=shuffle)
+    if shuffle:
+        log(f"records: skipped {describe_skips(skips)}\n{format_summary(summarize(records, source.chosen(0)))}")
     if validation:
-        val_source = UserRecordSource(validation, cfg, tokenizer, is_encoder_decoder, shuffle=False, resample=False)
-    return train, val_source
+        source.held_out = UserRecordSource(validation, cfg, tokenizer, is_encoder_decoder, shuffle=False,
+                                           resample=False)
+    return source

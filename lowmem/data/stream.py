@@ -1,159 +1,112 @@
-"""Streaming sample sources with a resumable position, sharded across processes.
+"""Sample sources read by index, and each process's share of an epoch.
 
-A source yields, for one process, its share of one epoch's samples in a seeded order that is a
-pure function of (seed, epoch). The position is the number of this process's samples already
-consumed in the epoch, so a restore is O(1) and exact: it recomputes the order and seeks.
-
-- `ParquetRows`: row groups are shuffled each epoch and taken a few at a time into a window of
-  about `buffer_size` rows whose rows are shuffled; memory is one window, whatever the file size.
-- `TokenWindows`: fixed `seq_len` windows of a packed token file (numpy memmap), shuffled per epoch.
-Process r of W takes global positions r, r+W, r+2W, ...: every sample goes to exactly one process.
+Every source (tables.ShardTable, TokenWindows, mixture.Mixture, sft.UserRecordSource, sft_cache.CachedSamples)
+has `num_samples` (per epoch) and `sample(epoch, index)`: the index-th sample of the epoch's order, a
+pure function of (seed, epoch). Which process trains which sample is decided here, globally: process
+r of W takes global positions base + r, base + r + W, ... (base is 0 unless an elastic resume moved
+it), so every sample goes to exactly one process and a position is one integer per process.
 """
 from __future__ import annotations
 
+import bisect
 import os
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
 from ..errors import UserError
+from .tables import epoch_rng
 
-STRING_TYPES = ("string", "large_string", "string_view")
-
-
-def epoch_rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, *more])
+__all__ = ["Shard", "TokenWindows", "epoch_rng", "iter_shard"]
 
 
-def open_parquet(path: str):
-    """Open a parquet file for streaming; a missing, empty or broken file is a UserError."""
-    import os
+@dataclass(frozen=True)
+class Shard:
+    """One process's part of an epoch: global positions base + rank + j * world, except `exclude`.
 
-    import pyarrow.parquet as pq
+    `exclude` holds positions at or after `base` that an earlier run with another process count already
+    trained (elastic resume); they are passed over so no sample is trained twice.
+    """
 
-    if not os.path.isfile(path):
-        raise UserError(f"data file '{path}' does not exist; check --train_file/--validation_file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"data file '{path}' is empty")
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-parquet or truncated files
-        raise UserError(f"data file '{path}' is not a readable parquet file ({str(exc).splitlines()[0]}); "
-                        "convert it with `train_low_mem.py prepare convert`") from None
-    if pf.metadata.num_rows == 0:
-        raise UserError(f"data file '{path}' has no rows")
-    return pf
+    rank: int = 0
+    world: int = 1
+    base: int = 0
+    exclude: frozenset = field(default_factory=frozenset)
+
+    def global_position(self, j: int) -> int:
+        return self.base + self.rank + j * self.world
 
 
-def text_columns(pf, path: str) -> tuple[str, ...]:
-    """('prompt', 'response') or ('text',), checked to be string columns."""
-    schema = pf.schema_arrow
-    names = set(schema.names)
-    if {"prompt", "response"} <= names:
-        columns: tuple[str, ...] = ("prompt", "response")
-    elif "text" in names:
-        columns = ("text",)
-    else:
-        raise UserError(f"data file '{path}' needs columns prompt+response or text, it has {sorted(names)}; "
-                        "rename with `train_low_mem.py prepare convert --prompt_column=... --response_column=...`")
-    for name in columns:
-        type_name = str(schema.field(name).type)
-        if type_name not in STRING_TYPES:
-            raise UserError(f"column '{name}' of '{path}' has type {type_name}, expected string")
-    return columns
-
-
-class ParquetRows:
-    """Rows of a parquet file in a seeded, window-shuffled order; one process's share at a time."""
-
-    def __init__(self, path: str, buffer_size: int, seed: int, shuffle: bool = True):
-        self.path = path
-        self.pf = open_parquet(path)
-        self.columns = text_columns(self.pf, path)
-        self.group_rows = [self.pf.metadata.row_group(i).num_rows for i in range(self.pf.num_row_groups)]
-        self.num_samples = sum(self.group_rows)
-        self.buffer_size = max(1, buffer_size)
-        self.seed, self.shuffle = seed, shuffle
-        largest = max(self.group_rows)
-        if largest > 4 * self.buffer_size:
-            import warnings
-
-            warnings.warn(f"'{path}' has row groups of up to {largest} rows, more than dataloader_buffer_size="
-                          f"{self.buffer_size}; memory follows the row group. Rewrite it with "
-                          "`train_low_mem.py prepare convert` (10k-row groups)", stacklevel=2)
-
-    def _windows(self, epoch: int) -> list[list[int]]:
-        order = epoch_rng(self.seed, epoch).permutation(len(self.group_rows)) if self.shuffle else range(len(self.group_rows))
-        windows, current, rows = [], [], 0
-        for group in order:
-            current.append(int(group))
-            rows += self.group_rows[group]
-            if rows >= self.buffer_size:
-                windows.append(current)
-                current, rows = [], 0
-        if current:
-            windows.append(current)
-        return windows
-
-    def iter_shard(self, epoch: int, rank: int, world: int, start: int = 0) -> Iterator[tuple[int, dict]]:
-        """(position, row) for this process's rows from position `start` on."""
-        first_global = start * world + rank
-        window_start = 0
-        for w, groups in enumerate(self._windows(epoch)):
-            n = sum(self.group_rows[g] for g in groups)
-            window_end = window_start + n
-            if window_end > first_global:
-                base = max(first_global, window_start)
-                lo = base + (rank - base) % world  # first index of this process at or after base
-                wanted = np.arange(lo, window_end, world) - window_start
-                if len(wanted):
-                    order = epoch_rng(self.seed, epoch, w).permutation(n) if self.shuffle else np.arange(n)
-                    table = self.pf.read_row_groups(groups, columns=list(self.columns))
-                    picked = table.take(order[wanted])
-                    del table
-                    first = (lo - rank) // world
-                    for offset in range(0, picked.num_rows, 1024):  # Python objects for 1024 rows at a time
-                        part = picked.slice(offset, 1024)
-                        values = [part.column(c).to_pylist() for c in self.columns]
-                        for i, row in enumerate(zip(*values)):
-                            yield first + offset + i, dict(zip(self.columns, row))
-            window_start = window_end
+def iter_shard(source, epoch: int, shard: Shard, start: int = 0) -> Iterator[tuple[int, dict]]:
+    """(j, sample) for this process's samples from its j = start on."""
+    j = start
+    while True:
+        g = shard.global_position(j)
+        if g >= source.num_samples:
+            return
+        if g not in shard.exclude:
+            yield j, source.sample(epoch, g)
+        j += 1
 
 
 class TokenWindows:
-    """Non-overlapping `seq_len` windows of a token file, shuffled per epoch."""
+    """Non-overlapping `seq_len` windows of one or more packed token files, shuffled per epoch."""
 
-    def __init__(self, path: str, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(self, paths: list[str], seq_len: int, seed: int, shuffle: bool = True, name: str = ""):
         from .token_file import TokenFile
 
-        self.path = path
-        self.file = TokenFile(path)
-        self.seq_len = seq_len
-        self.num_samples = self.file.n_tokens // seq_len
+        self.files = [TokenFile(p) for p in paths]
+        self.paths = [f.path for f in self.files]
+        self.name, self.seq_len, self.seed, self.shuffle = name, seq_len, seed, shuffle
+        counts = [f.n_tokens // seq_len for f in self.files]
+        self.starts = list(np.cumsum([0] + counts[:-1]))
+        self.num_samples = int(sum(counts))
+        self.empty_shards = [f.path for f, n in zip(self.files, counts) if n == 0]
         if self.num_samples == 0:
-            raise UserError(f"token file '{path}' has {self.file.n_tokens} tokens, fewer than max_seq_len={seq_len}")
-        self.seed, self.shuffle = seed, shuffle
+            total = sum(f.n_tokens for f in self.files)
+            raise UserError(f"token file '{self.paths[0]}' has {total} tokens, fewer than max_seq_len={seq_len}")
+        self._order: tuple[int, np.ndarray] | None = None
+        self._fds: dict[int, int] = {}
 
-    def iter_shard(self, epoch: int, rank: int, world: int, start: int = 0) -> Iterator[tuple[int, dict]]:
-        order = epoch_rng(self.seed, epoch).permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
-        itemsize = self.file.dtype.itemsize
-        nbytes = self.seq_len * itemsize
+    @property
+    def vocab_size(self) -> int:
+        return max(f.vocab_size for f in self.files)
+
+    def check_ids(self, vocab_size: int) -> None:
+        """Refuse, before step 1, token files whose ids the model's embedding cannot hold."""
+        for f in self.files:
+            if f.vocab_size > vocab_size:
+                raise UserError(f"token file '{f.path}' was made with a vocabulary of {f.vocab_size} entries, but the "
+                                f"model has {vocab_size}; tokenize it again with this run's tokenizer")
+            largest = f.max_token_id()
+            if largest >= vocab_size:
+                raise UserError(f"token file '{f.path}' holds token id {largest}, but the model's vocabulary has "
+                                f"{vocab_size} entries; tokenize it again with this run's tokenizer "
+                                f"(`prepare tokenize --tokenizer_dir=...`) or train with the tokenizer it was made with")
+
+    def sample(self, epoch: int, index: int) -> dict:
+        if self._order is None or self._order[0] != epoch:
+            n = self.num_samples
+            self._order = (epoch, epoch_rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n))
+        window = int(self._order[1][index])
+        f = bisect.bisect_right(self.starts, window) - 1
+        file = self.files[f]
+        nbytes = self.seq_len * file.dtype.itemsize
         # pread rather than slicing the memmap: mapped pages would count in RSS and grow with the file
-        fd = os.open(self.file.path, os.O_RDONLY)
-        try:
-            for position, window in enumerate(order[rank::world][start:], start=start):
-                raw = os.pread(fd, nbytes, int(window) * nbytes)
-                ids = np.frombuffer(raw, dtype=self.file.dtype).astype(np.int64)
-                yield position, {"input_ids": ids}
-        finally:
-            os.close(fd)
+        raw = os.pread(self._fd(f), nbytes, (window - int(self.starts[f])) * nbytes)
+        return {"input_ids": np.frombuffer(raw, dtype=file.dtype).astype(np.int64)}
 
+    def _fd(self, f: int) -> int:
+        if f not in self._fds:
+            if len(self._fds) >= 8:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[f] = os.open(self.files[f].path, os.O_RDONLY)
+        return self._fds[f]
 
-def open_source(path: str, seq_len: int, buffer_size: int, seed: int, shuffle: bool = True):
-    """The sample source for a data file, chosen by its extension."""
-    if path.endswith(".bin") or path.endswith(".json") and not path.endswith(".jsonl"):
-        return TokenWindows(path, seq_len, seed, shuffle)
-    if path.endswith(".parquet"):
-        return ParquetRows(path, buffer_size, seed, shuffle)
-    raise UserError(f"data file '{path}' must be .parquet or a token file (.bin); convert it with "
-                    "`train_low_mem.py prepare convert` or `train_low_mem.py prepare tokenize`")
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass

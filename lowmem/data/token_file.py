@@ -8,7 +8,8 @@ a document (e.g. a literal "<|endoftext|>") is tokenized as plain text, so the o
 the document separators.
 
 `<prefix>.json` is the index: format_version, dtype, n_tokens, n_documents, vocab_size,
-eos_token_id, tokenizer_dir, source, complete, plus what resume needs (the settings below and
+eos_token_id, max_token_id (the largest id written, checked against the model before training),
+tokenizer_dir, source, complete, plus what resume needs (the settings below and
 chunks_done / rows_done / skipped). The source is cut into chunks of chunk_rows source rows;
 after each chunk the .bin is flushed and fsynced, then the index is replaced atomically. A run
 that finds an incomplete index with the same settings truncates the .bin to the recorded size and
@@ -205,7 +206,7 @@ def tokenize_to_bin(input: str, output_prefix: str, tokenizer_dir: str, text_col
                 "source": os.path.abspath(input), "source_bytes": source.st_size,
                 "source_mtime_ns": source.st_mtime_ns, "text_column": "text" if fmt == "txt" else str(text_column),
                 "chunk_rows": chunk_rows}
-    progress = {"n_tokens": 0, "n_documents": 0, "chunks_done": 0, "rows_done": 0, "skipped": {}}
+    progress = {"n_tokens": 0, "n_documents": 0, "chunks_done": 0, "rows_done": 0, "skipped": {}, "max_token_id": -1}
     old = _read_index(index_path) or {}
     resumable = (all(old.get(k) == settings[k] for k in RESUME_KEYS) and all(k in old for k in progress)
                  and os.path.isfile(bin_path) and os.path.getsize(bin_path) >= old["n_tokens"] * itemsize)
@@ -228,6 +229,7 @@ def tokenize_to_bin(input: str, output_prefix: str, tokenizer_dir: str, text_col
             out.flush()
             os.fsync(out.fileno())
             progress["n_tokens"] += len(tokens)
+            progress["max_token_id"] = max(progress["max_token_id"], int(tokens.max()) if len(tokens) else -1)
             progress["n_documents"] += n_docs
             progress["chunks_done"] += 1
             progress["rows_done"] = rows_done
@@ -289,6 +291,14 @@ class TokenFile:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def max_token_id(self) -> int:
+        """The largest id in the file: from the index, or (files of earlier versions) read in chunks."""
+        recorded = self.index.get("max_token_id")
+        if isinstance(recorded, int):
+            return recorded
+        step = 1 << 24
+        return max((int(self.tokens[i:i + step].max()) for i in range(0, self.n_tokens, step)), default=-1)
 
     def __repr__(self) -> str:
         return (f"TokenFile({self.path!r}, n_tokens={self.n_tokens}, dtype={self.dtype.name}, "
