@@ -1,14 +1,19 @@
-"""Turn Fire keyword arguments into a validated config dataclass.
+"""Turn command-line words into validated values, and the checks every command shares.
 
 Fire 0.7 neither coerces values to annotated types nor rejects unknown keys, so this module does
-both: each value is converted through its field's type, and an unknown or mistyped flag is a
-UserError naming the closest valid names.
+both: each value is converted through its field's type (a `Literal[...]` field accepts only its
+choices), and an unknown, mistyped or repeated flag is a UserError naming the closest valid names.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import importlib
+import importlib.util
+import inspect
 import json
+import logging
 import os
 import typing
 
@@ -19,7 +24,11 @@ ALIASES = {"max_epochs": "epochs", "lr": "learn_rate", "learning_rate": "learn_r
 # set by launchers; accepted and ignored
 LAUNCHER_FLAGS = {"local_rank", "local-rank"}
 SELECTORS = ("config", "use_large_config", "use_small_config", "is_finetune")
+HELP_FLAGS = ("--help", "-h")
 _TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+TORCHAO_LOGGERS = ("torchao", "torch.utils._pytree")  # torchao's import registers enums torch warns about
+DEEPSPEED_LOGGERS = ("DeepSpeed",)
+DATASET_EXAMPLE = '\'[{"path": "data/a.parquet", "weight": 0.7}, {"path": "data/b.parquet", "weight": 0.3}]\''
 
 
 def field_types(cls) -> dict[str, typing.Any]:
@@ -30,6 +39,46 @@ def field_types(cls) -> dict[str, typing.Any]:
 def closest(name: str, valid: typing.Iterable[str]) -> str:
     matches = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
     return ", ".join(f"--{m}" for m in matches) if matches else "see --help for the list"
+
+
+def type_name(type_) -> str:
+    """How --help and errors spell a field type: int, float, list[str], one of a|b|c."""
+    if typing.get_origin(type_) is typing.Literal:
+        return "|".join(str(choice) for choice in typing.get_args(type_))
+    if type(None) in typing.get_args(type_):
+        inner = [a for a in typing.get_args(type_) if a is not type(None)]
+        return f"{type_name(inner[0])} or None" if len(inner) == 1 else str(type_)
+    if typing.get_origin(type_) is not None:
+        return str(type_).replace("typing.", "")
+    return getattr(type_, "__name__", str(type_))
+
+
+def choice_error(name: str, value, choices: typing.Sequence) -> UserError:
+    """`--optimizer expects one of adamw, adafactor; got 'adamx' (closest: adamw)`."""
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    hint = f" (closest: {near[0]})" if near else ""
+    return UserError(f"--{name} expects one of {', '.join(str(c) for c in choices)}; got {value!r}{hint}")
+
+
+def _convert_choice(name: str, value, choices: tuple):
+    for choice in choices:
+        same_text = not isinstance(value, bool) and not isinstance(choice, bool) and str(value) == str(choice)
+        if value == choice or same_text:  # Fire hands `--x=2` as a number and `--x=two` as text
+            return choice
+    raise choice_error(name, value, choices)
+
+
+def _convert_mappings(name: str, value) -> list[dict]:
+    """A list of mappings, from a config file or a JSON string on the command line."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--{name} is not valid JSON ({exc.msg} at character {exc.pos}); pass a list of "
+                            f"mappings such as {DATASET_EXAMPLE}, or set it in a --config file") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, dict) for item in value):
+        raise UserError(f"--{name} expects a list of mappings such as {DATASET_EXAMPLE}; got {value!r}")
+    return [dict(item) for item in value]
 
 
 def _convert_scalar(value, type_):
@@ -49,6 +98,10 @@ def _convert_scalar(value, type_):
             raise ValueError
         return float(value)
     if type_ is str:
+        if isinstance(value, tuple):  # Fire splits `a,b` into a tuple; the text had commas
+            return ",".join(str(v) for v in value)
+        if isinstance(value, (list, dict)):
+            raise ValueError
         # Fire turns numeric-looking text into numbers; a str field takes them back as text
         return value if isinstance(value, str) else str(value)
     return value
@@ -62,6 +115,10 @@ def convert(name: str, value, type_):
             return None
         type_ = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(type_), typing.get_args(type_)
+    if origin is typing.Literal:
+        return _convert_choice(name, value, args)
+    if origin is list and args and args[0] is dict:
+        return _convert_mappings(name, value)
     try:
         if origin is list:
             if isinstance(value, str):
@@ -71,8 +128,7 @@ def convert(name: str, value, type_):
             return [_convert_scalar(v, args[0] if args else str) for v in value]
         return _convert_scalar(value, type_)
     except (ValueError, TypeError):
-        type_name = getattr(type_, "__name__", str(type_))
-        raise UserError(f"--{name} expects {type_name}, got {value!r}") from None
+        raise UserError(f"--{name} expects {type_name(type_)}, got {value!r}") from None
 
 
 def load_config_file(path: str) -> dict:
@@ -95,12 +151,20 @@ def load_config_file(path: str) -> dict:
     return values
 
 
+def canonical_name(raw_name: str, known: typing.Container[str] = ()) -> str:
+    """The field a flag sets: aliases mapped, '-' read as '_'."""
+    if raw_name in known:
+        return raw_name
+    name = raw_name.replace("-", "_")
+    return ALIASES.get(name, name)
+
+
 def build(cls, values: dict, source: str = "flag"):
     """An instance of dataclass `cls` with `values` applied; unknown names and bad types are errors."""
     types = field_types(cls)
     converted = {}
     for raw_name, value in values.items():
-        name = ALIASES.get(raw_name, raw_name).replace("-", "_") if raw_name not in types else raw_name
+        name = canonical_name(raw_name, types)
         if name not in types:
             where = f"unknown {source} --{raw_name}" if source == "flag" else f"unknown field '{raw_name}' in {source}"
             raise UserError(f"{where}; did you mean: {closest(name, types)}")
@@ -108,12 +172,130 @@ def build(cls, values: dict, source: str = "flag"):
     return cls(**converted)
 
 
-def describe_fields(cls) -> str:
-    """One line per field: flag, type and default (for --help and the README)."""
-    types = field_types(cls)
-    defaults = cls()
-    lines = []
-    for f in dataclasses.fields(cls):
-        type_name = getattr(types[f.name], "__name__", str(types[f.name]).replace("typing.", ""))
-        lines.append(f"  --{f.name:<28} {type_name:<6} default: {getattr(defaults, f.name)!r}")
+# ---------------------------------------------------------------- flags of the whole command line
+
+def _flag_words(args: typing.Sequence[str]) -> list[tuple[str, str]]:
+    """(flag name, the words that gave it) for each --flag in args, up to Fire's own `--` separator."""
+    found = []
+    for index, word in enumerate(args):
+        if word == "--":
+            break
+        if not word.startswith("--") or len(word) == 2:
+            continue
+        name, has_value, _ = word[2:].partition("=")
+        following = args[index + 1] if index + 1 < len(args) else None
+        shown = word if has_value or following is None or following.startswith("--") else f"{word} {following}"
+        found.append((name, shown))
+    return found
+
+
+def check_repeated_flags(args: typing.Sequence[str], aliases: bool = True) -> None:
+    """A UserError for a flag given twice: Fire would silently keep the last value.
+
+    `--lr`, `--learning_rate` and `--learn_rate` are one flag (with `aliases`), and so are `--a-b` and `--a_b`.
+    """
+    seen: dict[str, list[str]] = {}
+    for raw_name, shown in _flag_words(args):
+        name = canonical_name(raw_name) if aliases else raw_name.replace("-", "_")
+        if name in LAUNCHER_FLAGS or f"--{name}" in HELP_FLAGS:
+            continue
+        seen.setdefault(name, []).append(shown)
+    for name, given in seen.items():
+        if len(given) > 1:
+            times = "twice" if len(given) == 2 else f"{len(given)} times"
+            raise UserError(f"--{name} is given {times} ({', '.join(given)}); pass it once")
+
+
+def wants_help(args: typing.Sequence[str]) -> bool:
+    return any(word in HELP_FLAGS for word in args)
+
+
+def reject_unknown_flags(command: str, known: typing.Sequence[str], unknown: dict) -> None:
+    """A UserError naming the first unknown flag of `command` and the closest known ones."""
+    if not unknown:
+        return
+    name = sorted(unknown)[0]
+    guesses = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    hint = (f"did you mean: {', '.join('--' + g for g in guesses)}" if guesses
+            else f"valid flags: {', '.join('--' + k for k in known)}")
+    raise UserError(f"unknown flag --{name} for `{command}`; {hint}")
+
+
+def explicit_flags(function) -> list[str]:
+    """The named parameters of a command function (not its **unknown)."""
+    return [name for name, p in inspect.signature(function).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self"]
+
+
+def command_help(command: str, function, meanings: dict[str, str]) -> str:
+    """A command's usage from its signature: each flag with its default (or 'required') and meaning."""
+    lines = [f"usage: train_low_mem.py {command} [--flag=value ...]", "",
+             (inspect.getdoc(function) or "").strip(), "", "flags:"]
+    for name, param in inspect.signature(function).parameters.items():
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or name == "self":
+            continue
+        default = "required" if param.default is inspect.Parameter.empty else f"default: {param.default!r}"
+        lines.append(f"  --{name:<22} {default}")
+        if meanings.get(name):
+            lines.append(f"      {meanings[name]}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- third-party import notices
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: typing.Iterable[str]):
+    """Hide warnings and below of the named loggers and their children for the duration; errors still show.
+
+    The level covers child loggers (torchao.kernel...); the filter covers a package that sets its own
+    logger's level while it is imported (DeepSpeed), and that level is left as the package set it.
+    """
+    drop = _BelowError()
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addFilter(drop)
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.removeFilter(drop)
+            if logger.level == logging.ERROR:
+                logger.setLevel(level)
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def import_quietly(module: str, loggers: typing.Iterable[str]) -> None:
+    """Import `module` now with the named loggers quiet; later imports of it reuse the loaded module."""
+    with quiet_loggers(loggers):
+        importlib.import_module(module)
+
+
+def import_models_quietly() -> None:
+    """Import transformers' modeling code now, with installed torchao's import-time notices hidden.
+
+    For runs that do not use torchao: transformers imports it whenever it is installed (its quantizer
+    registry), and torchao logs each CUDA extension it cannot load and triggers torch `_pytree`
+    deprecation warnings.
+    """
+    if installed("torchao") and installed("transformers"):
+        import_quietly("transformers.modeling_utils", TORCHAO_LOGGERS)
+
+
+def import_deepspeed_quietly() -> None:
+    """Import an installed deepspeed now with its import-time notices hidden, for runs that do not use it.
+
+    Accelerate's `unwrap_model` imports deepspeed whenever it is installed, and DeepSpeed logs
+    "Setting accelerator to CPU" on every machine without CUDA.
+    """
+    if installed("deepspeed"):
+        import_quietly("deepspeed", DEEPSPEED_LOGGERS)

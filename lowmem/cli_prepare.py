@@ -13,9 +13,12 @@ from __future__ import annotations
 import difflib
 import inspect
 
+from .cli import HELP_FLAGS, command_help, explicit_flags, reject_unknown_flags
 from .data.rawio import DEFAULT_ROW_GROUP_SIZE, as_list
 from .data.token_file import DEFAULT_CHUNK_ROWS
 from .errors import UserError
+
+TOOLS = ("convert", "clean", "split", "stats", "train_tokenizer", "tokenize")
 
 _TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
@@ -59,23 +62,75 @@ def _bool(flag: str, value) -> bool:
     raise UserError(f"--{flag} expects true or false, got {value!r}")
 
 
+# one line per flag for `prepare <tool> --help`
+MEANINGS = {
+    "input": "the file to read (csv, json, jsonl, parquet or txt; clean/split/stats: parquet)",
+    "output": "the parquet file to write (written to <output>.tmp, renamed when complete)",
+    "output_dir": "the directory to write into",
+    "output_prefix": "writes <output_prefix>.bin (tokens) and <output_prefix>.json (index)",
+    "prompt_column": "source column (or jsonl field) that becomes `prompt`",
+    "response_column": "source column that becomes `response`",
+    "text_column": "source column that becomes `text` (instead of prompt/response)",
+    "keep_columns": "extra columns copied as text, comma-separated (e.g. user_id for split --group_column)",
+    "row_group_size": "rows per parquet row group (what the trainer's streaming reader holds at a time)",
+    "strict": "a bad row is an error instead of being skipped and counted",
+    "dedup": "also drop rows equal to an earlier one (memory grows with the unique rows)",
+    "min_chars": "drop rows with a checked field shorter than this",
+    "max_chars": "drop rows with a checked field longer than this; None: no limit",
+    "columns": "the columns to use, comma-separated; default: every string column (tokenizer: text or prompt+response)",
+    "valid_ratio": "share of rows (or groups) written to valid.parquet",
+    "test_ratio": "share of rows (or groups) written to test.parquet; 0: no test file",
+    "seed": "seed of the row (or group) hash and of the sample",
+    "group_column": "keep all rows with the same value of this column in one split (e.g. user_id)",
+    "tokenizer_dir": "a tokenizer directory; stats then also counts tokens",
+    "histogram_png": "save a histogram of the lengths to this PNG file",
+    "vocab_size": "vocabulary entries to learn, special tokens included (at least 300)",
+    "sample_rows": "at most this many rows, drawn uniformly, train the tokenizer",
+    "num_workers": "tokenizer processes; default: every core",
+    "chunk_rows": "rows per chunk written at once (the unit of resume)",
+    "max_seq_len": "SFT data: the training run's max_seq_len (long rows are cut or skipped when tokenizing)",
+    "train_on": "conversations: all_assistant | last_assistant | all (as train --train_on)",
+    "train_on_prompt": "prompt/response: the prompt carries the loss too (as train --train_on_prompt)",
+    "messages_column": "source column holding conversations (messages or ShareGPT conversations)",
+}
+
+
+def _tools() -> dict:
+    """Tool name -> method of PrepareCommands."""
+    return {name: getattr(PrepareCommands, name) for name in TOOLS}
+
+
+def prepare_help(tool: str | None = None) -> str:
+    """The tools with one line each, or one tool's flags with their defaults and meanings."""
+    if tool is None:
+        lines = ["usage: train_low_mem.py prepare TOOL [--flag=value ...]", "", "tools:"]
+        lines += [f"  {name:<16} {inspect.getdoc(method).splitlines()[0]}" for name, method in _tools().items()]
+        lines += ["", "`train_low_mem.py prepare TOOL --help` lists the flags of a tool."]
+        return "\n".join(lines)
+    check_tool(tool)
+    return command_help(f"prepare {tool}", _tools()[tool], MEANINGS)
+
+
+def check_tool(word: str) -> None:
+    """A UserError unless `word` names a prepare tool (or asks for help)."""
+    if word in TOOLS or word in HELP_FLAGS:
+        return
+    if word.startswith("-"):
+        raise UserError(f"`prepare` needs a tool before its flags: {', '.join(TOOLS)}; e.g. prepare convert {word}")
+    near = difflib.get_close_matches(word, TOOLS, n=1, cutoff=0.5)
+    hint = f"did you mean: {near[0]}? " if near else ""
+    raise UserError(f"unknown prepare tool '{word}'; {hint}tools: {', '.join(TOOLS)}")
+
+
 def _stop_for_flags(method, unknown: dict) -> bool:
     """True after printing help for --help; a UserError for an unknown flag; False otherwise."""
     if not unknown:
         return False
-    known = [name for name in inspect.signature(method).parameters if name != "unknown"]
     if "help" in unknown or "h" in unknown:
-        print(f"prepare {method.__name__}: {inspect.getdoc(method)}\nflags:")
-        for name, param in inspect.signature(method).parameters.items():
-            if name != "unknown":
-                default = "required" if param.default is inspect.Parameter.empty else f"default: {param.default!r}"
-                print(f"  --{name:<18} {default}")
+        print(prepare_help(method.__name__))
         return True
-    name = sorted(unknown)[0]
-    guesses = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = (f"did you mean: {', '.join('--' + g for g in guesses)}" if guesses
-            else f"valid flags: {', '.join('--' + k for k in known)}")
-    raise UserError(f"unknown flag --{name} for `prepare {method.__name__}`; {hint}")
+    reject_unknown_flags(f"prepare {method.__name__}", explicit_flags(method), unknown)
+    return False
 
 
 class PrepareCommands:
@@ -136,13 +191,41 @@ class PrepareCommands:
                         _int("sample_rows", sample_rows), as_list(columns), _int("seed", seed), _bool("strict", strict))
 
     def tokenize(self, input, output_prefix, tokenizer_dir, text_column="text", num_workers=None,
-                 chunk_rows=DEFAULT_CHUNK_ROWS, strict=False, **unknown):
-        """Tokenize text into <output_prefix>.bin + .json for pretraining; rerun the same command to resume."""
+                 chunk_rows=DEFAULT_CHUNK_ROWS, strict=False, max_seq_len=None, train_on="all_assistant",
+                 train_on_prompt=False, prompt_column="prompt", response_column="response",
+                 messages_column="messages", **unknown):
+        """Tokenize once: text -> <output_prefix>.bin + .json for pretraining; SFT data (prompt/response or
+        conversations) -> a tokenize-once cache for `train --train_file=<output_prefix>`. Rerun to resume."""
         if _stop_for_flags(self.tokenize, unknown):
             return
-        from .data.token_file import tokenize_to_bin
+        from config import TrainConfig
 
-        tokenize_to_bin(_text("input", input), _text("output_prefix", output_prefix),
-                        _text("tokenizer_dir", tokenizer_dir), _text("text_column", text_column),
-                        _int("num_workers", num_workers, optional=True), _int("chunk_rows", chunk_rows),
-                        _bool("strict", strict))
+        from .data.sources import open_dataset, parse_data_arg
+
+        input = _text("input", input)
+        columns = {"prompt_column": _text("prompt_column", prompt_column),
+                   "response_column": _text("response_column", response_column),
+                   "text_column": _text("text_column", text_column),
+                   "messages_column": _text("messages_column", messages_column)}
+        specs = parse_data_arg(input, "input")
+        kind = open_dataset(specs[0], TrainConfig(train_file=input, validation_file="", **columns), None,
+                            shuffle=False, flag="input", log=lambda _: None).kind if len(specs) == 1 else "mixture"
+        if kind == "text":
+            from .data.token_file import tokenize_to_bin
+
+            tokenize_to_bin(input, _text("output_prefix", output_prefix), _text("tokenizer_dir", tokenizer_dir),
+                            columns["text_column"], _int("num_workers", num_workers, optional=True),
+                            _int("chunk_rows", chunk_rows), _bool("strict", strict))
+            return
+        if max_seq_len is None:
+            raise UserError(f"--input '{input}' holds {kind.replace('_', '/')} data: a tokenize-once SFT cache needs "
+                            "--max_seq_len (the training run's), since truncation is decided when tokenizing")
+        from .data.encoding import TRAIN_ON
+        from .data.sft_cache import build_sft_cache
+
+        train_on = _text("train_on", train_on)
+        if train_on not in TRAIN_ON:
+            raise UserError(f"--train_on expects one of {', '.join(TRAIN_ON)}; got {train_on!r}")
+        build_sft_cache(input, _text("output_prefix", output_prefix), _text("tokenizer_dir", tokenizer_dir),
+                        _int("max_seq_len", max_seq_len), train_on, _bool("train_on_prompt", train_on_prompt), columns,
+                        _int("num_workers", num_workers, optional=True), _bool("strict", strict))

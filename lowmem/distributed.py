@@ -157,6 +157,12 @@ def _from_launcher() -> tuple[dict, str]:
     return ds, "the accelerate config's deepspeed_config"
 
 
+def asks_for_deepspeed(cfg) -> bool:
+    """True when a DeepSpeed launch config or --deepspeed/--zero_stage asks for DeepSpeed (reads no files)."""
+    flags = settings(cfg)
+    return launcher_kind() == "deepspeed" or bool(flags["deepspeed"]) or flags["zero_stage"] > 0
+
+
 def resolve_deepspeed(cfg) -> tuple[dict | None, str]:
     """The (unfilled) DeepSpeed config this run asks for and where it came from; (None, '') when none."""
     flags = settings(cfg)

@@ -252,3 +252,78 @@ def test_cli_rejects_unknown_flags_before_doing_any_work(tmp_path, capsys):
     assert "rows_written: 5" in capsys.readouterr().out
     with pytest.raises(UserError, match="--valid_ratio expects a number"):
         fire.Fire(PrepareCommands, command=["split", f"--input={out}", f"--output_dir={tmp_path}", "--valid_ratio=abc"])
+
+
+def test_train_tokenizer_notes_a_vocabulary_smaller_than_asked(tmp_path, capsys):
+    corpus = tmp_path / "small.jsonl"
+    lines = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(6)) + f" {i}" for i in range(500)]
+    corpus.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    summary = train_tokenizer(str(corpus), str(tmp_path / "big"), vocab_size=32000)
+    entries = summary["vocab_size"]
+    assert entries < 32000 and summary["vocab_size_asked"] == 32000
+    assert (f"note: vocabulary has {entries} entries, fewer than the 32000 asked: the data has no more merges"
+            in capsys.readouterr().out)
+    exact = train_tokenizer(str(corpus), str(tmp_path / "exact"), vocab_size=300)
+    assert exact["vocab_size"] == 300 and "note:" not in capsys.readouterr().out
+
+
+def _rows_file(tmp_path, n: int, users: int) -> str:
+    path = str(tmp_path / "rows.parquet")
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(n)], "user_id": [f"u{i % users}" for i in range(n)]}),
+                   path)
+    return path
+
+
+def _suggested(message: str, flag: str) -> float:
+    import re
+
+    return float(re.search(rf"--{flag}=([0-9.]+) or more", message).group(1))
+
+
+@pytest.mark.parametrize("ratios, flag", [({"valid_ratio": 0.001}, "valid_ratio"),
+                                          ({"valid_ratio": 0.05, "test_ratio": 0.001}, "test_ratio")])
+def test_split_refuses_an_empty_side_and_suggests_a_ratio_that_fills_it(tmp_path, ratios, flag):
+    path = _rows_file(tmp_path, 40, 40)
+    side = flag.split("_")[0]
+    with pytest.raises(UserError) as err:
+        split(path, str(tmp_path / "out"), **ratios)
+    message = str(err.value)
+    assert f"{side}.parquet would be empty: --{flag}={ratios[flag]:g} puts none of the 40 rows there" in message
+    assert "\n" not in message
+    assert os.listdir(tmp_path / "out") == []  # the partial files were discarded
+    summary = split(path, str(tmp_path / "fixed"), **{**ratios, flag: _suggested(message, flag)})
+    assert summary["rows_per_split"][side] >= 1 and summary["rows_per_split"]["train"] >= 1
+
+
+def test_split_by_group_counts_groups_and_refuses_an_empty_train(tmp_path):
+    path = _rows_file(tmp_path, 40, 3)
+    with pytest.raises(UserError) as err:
+        split(path, str(tmp_path / "a"), valid_ratio=0.01, group_column="user_id")
+    message = str(err.value)
+    assert "valid.parquet would be empty: --valid_ratio=0.01 puts none of the 3 groups (40 rows) there" in message
+    fixed = split(path, str(tmp_path / "b"), valid_ratio=_suggested(message, "valid_ratio"), group_column="user_id")
+    assert fixed["rows_per_split"]["valid"] > 0
+    with pytest.raises(UserError, match=r"train.parquet would be empty: .* take all 3 groups \(40 rows\)"):
+        split(path, str(tmp_path / "c"), valid_ratio=0.95, group_column="user_id")
+    one_user = _rows_file(tmp_path, 5, 1)
+    with pytest.raises(UserError, match="would be empty"):
+        split(one_user, str(tmp_path / "d"), valid_ratio=0.5, group_column="user_id")
+
+
+def test_split_missing_group_column_points_at_convert_keep_columns(tmp_path):
+    path = str(tmp_path / "converted.parquet")
+    pq.write_table(pa.table({"prompt": ["p"] * 4, "response": ["r"] * 4}), path)
+    with pytest.raises(UserError) as err:
+        split(path, str(tmp_path / "s"), group_column="user_id")
+    assert "no column 'user_id'" in str(err.value) and "--keep_columns=user_id" in str(err.value)
+    assert "prepare convert" in str(err.value)
+
+
+def test_prepare_help_lists_each_flag_with_its_meaning(capsys):
+    import fire
+
+    from lowmem.cli_prepare import PrepareCommands
+
+    fire.Fire(PrepareCommands, command=["train_tokenizer", "--input=x", "--output_dir=y", "--help"])
+    out = capsys.readouterr().out
+    assert "--vocab_size" in out and "default: 8000" in out and "vocabulary entries to learn" in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import random
 import re
@@ -168,6 +169,80 @@ def group_fraction(seed: int, value) -> float:
     return (int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 11) / float(2**53)
 
 
+class _SplitTally:
+    """Rows per split and the extreme hash values seen: enough to say which ratio would fill an empty split."""
+
+    def __init__(self, valid_ratio: float, test_ratio: float):
+        self.valid_ratio, self.test_ratio = valid_ratio, test_ratio
+        self.rows = dict.fromkeys(SPLITS, 0)
+        self.lowest, self.highest = 1.0, 0.0
+        self.lowest_above_test = 1.0  # the smallest hash a larger valid_ratio would reach first
+
+    def codes(self, u: np.ndarray) -> np.ndarray:
+        """0 train, 1 valid, 2 test for each hash value."""
+        t, v = self.test_ratio, self.valid_ratio
+        code = np.where(u < t, 2, np.where(u < t + v, 1, 0))
+        for index, name in enumerate(SPLITS):
+            self.rows[name] += int((code == index).sum())
+        if len(u):
+            self.lowest, self.highest = min(self.lowest, float(u.min())), max(self.highest, float(u.max()))
+            above = u[u >= t]
+            if len(above):
+                self.lowest_above_test = min(self.lowest_above_test, float(above.min()))
+        return code
+
+
+def _ratio_above(x: float) -> float:
+    """The shortest decimal (two significant digits) strictly above x."""
+    decimals = max(2, 1 - math.floor(math.log10(x))) if x > 0 else 2
+    return (math.floor(x * 10**decimals) + 1) / 10**decimals
+
+
+def _ratio_below(x: float) -> float:
+    """The shortest decimal (two significant digits) strictly below x; 0 when there is none."""
+    decimals = max(2, 1 - math.floor(math.log10(x))) if x > 0 else 2
+    return max(0.0, (math.ceil(x * 10**decimals) - 1) / 10**decimals)
+
+
+def _count_groups(pf, input: str, group_column: str, batch_rows: int) -> int:
+    """Distinct values of the group column (read again only to word an error)."""
+    seen: set = set()
+    for _, table in iter_tables(pf, input, batch_rows, columns=[group_column]):
+        seen.update(pc.unique(pc.cast(table.column(group_column), pa.string())).to_pylist())
+    return len(seen)
+
+
+def _check_split_sizes(tally: _SplitTally, wanted: list[str], units: str, kind: str, seed: int) -> None:
+    """A UserError naming the first split that came out empty, and a ratio that would give it one of `kind`."""
+    empty = next((name for name in wanted if tally.rows[name] == 0), None)
+    if empty is None:
+        return
+    t, v = tally.test_ratio, tally.valid_ratio
+    if empty == "train":
+        fits = _ratio_below(tally.highest)
+        fix = (f"lower --valid_ratio and --test_ratio so they sum to at most {fits:g}" if fits > 0
+               else "give it more data")
+        raise UserError(f"split: train.parquet would be empty: --valid_ratio={v:g} and --test_ratio={t:g} take all "
+                        f"{units} (seed {seed}); {fix}")
+    if empty == "valid":
+        flag, ratio, needed = "valid_ratio", v, _ratio_above(tally.lowest_above_test - t)
+        train_start = t + needed  # hashes from here on still go to train
+    else:
+        flag, ratio, needed = "test_ratio", t, _ratio_above(tally.lowest)
+        train_start = needed + v
+    fix = (f"--{flag}={needed:g} or more would give it at least one" if train_start <= tally.highest
+           else f"there are too few {kind} for a {empty} split: add data or drop --{flag}")
+    raise UserError(f"split: {empty}.parquet would be empty: --{flag}={ratio:g} puts none of the {units} there "
+                    f"(seed {seed}); {fix}")
+
+
+def _check_group_column(input: str, group_column: str, names: list[str]) -> None:
+    if group_column not in names:
+        raise UserError(f"'{input}' has no column '{group_column}' (its columns are {names}); `prepare convert` "
+                        f"keeps only prompt/response (or text) unless given --keep_columns={group_column}: "
+                        "convert again with it, or pass another --group_column")
+
+
 def split(input: str, output_dir: str, valid_ratio: float = 0.05, test_ratio: float = 0.0, seed: int = 42,
           group_column: str | None = None, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> dict:
     """Split a parquet file into output_dir/{train,valid,test}.parquet, streaming and deterministic.
@@ -175,17 +250,17 @@ def split(input: str, output_dir: str, valid_ratio: float = 0.05, test_ratio: fl
     Each row (or, with group_column, each group value) gets a seeded hash in [0, 1): below
     test_ratio goes to test, below test_ratio+valid_ratio to valid, the rest to train. With a
     group column all rows of one group land in the same split. valid/test files are written only
-    when their ratio is above 0.
+    when their ratio is above 0; a split that would come out empty is an error and nothing is written.
     """
     valid_ratio, test_ratio = float(valid_ratio), float(test_ratio)
     if valid_ratio < 0 or test_ratio < 0 or valid_ratio + test_ratio >= 1:
         raise UserError(f"valid_ratio={valid_ratio} and test_ratio={test_ratio} must be >= 0 and sum below 1")
     pf = open_parquet(input)
     if group_column is not None:
-        check_columns(input, [str(group_column)], list(pf.schema_arrow.names))
+        _check_group_column(input, str(group_column), list(pf.schema_arrow.names))
     wanted = [name for name, ratio in zip(SPLITS, (1.0, valid_ratio, test_ratio)) if ratio > 0]
     paths = {name: os.path.join(output_dir, f"{name}.parquet") for name in wanted}
-    counts, offset = dict.fromkeys(wanted, 0), 0
+    tally, offset = _SplitTally(valid_ratio, test_ratio), 0
     with contextlib.ExitStack() as stack:
         sinks = {name: stack.enter_context(ParquetSink(path, pf.schema_arrow, row_group_size))
                  for name, path in paths.items()}
@@ -197,13 +272,19 @@ def split(input: str, output_dir: str, valid_ratio: float = 0.05, test_ratio: fl
                 cache: dict = {}
                 u = np.array([cache[g] if g in cache else cache.setdefault(g, group_fraction(int(seed), g))
                               for g in groups])
-            code = np.where(u < test_ratio, 2, np.where(u < test_ratio + valid_ratio, 1, 0))
+            code = tally.codes(u)
             for index, name in enumerate(SPLITS):
                 if name in sinks:
-                    part = table.filter(pa.array(code == index))
-                    sinks[name].write(part)
-                    counts[name] += part.num_rows
+                    sinks[name].write(table.filter(pa.array(code == index)))
             offset += table.num_rows
+        if offset == 0:
+            raise UserError(f"'{input}' has no rows to split")
+        units, kind = f"{offset} rows", "rows"
+        if group_column is not None and any(tally.rows[name] == 0 for name in wanted):
+            units = f"{_count_groups(pf, input, str(group_column), row_group_size)} groups ({offset} rows)"
+            kind = f"groups of --group_column={group_column}"
+        _check_split_sizes(tally, wanted, units, kind, int(seed))  # raising here discards every file written
+    counts = {name: tally.rows[name] for name in wanted}
     summary = {"input": input, "rows": offset, "rows_per_split": counts, "files": paths,
                "group_column": group_column, "seed": seed}
     _print_summary("split", summary)
@@ -330,6 +411,11 @@ def train_tokenizer(input: str, output_dir: str, vocab_size: int = 8000, sample_
 
     tokenizer = train_bpe_tokenizer(iter(sample), int(vocab_size), str(output_dir))
     summary = {"input": input, "output_dir": output_dir, "rows_with_text": seen, "rows_sampled": len(sample),
-               "vocab_size": len(tokenizer), "skipped": {k: v[0] for k, v in skipped.items()}}
+               "vocab_size": len(tokenizer), "vocab_size_asked": int(vocab_size),
+               "skipped": {k: v[0] for k, v in skipped.items()}}
     _print_summary("train_tokenizer", {**summary, "skipped": describe_skips(skipped)})
+    if len(tokenizer) < int(vocab_size):
+        # BPE stops when no pair occurs often enough to merge: the data, not a bug, sets the size
+        print(f"note: vocabulary has {len(tokenizer)} entries, fewer than the {int(vocab_size)} asked: the data has "
+              "no more merges (train on more text, or ask for a smaller --vocab_size)")
     return summary
