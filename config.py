@@ -42,7 +42,7 @@ class TrainConfig:
     """Pretraining defaults; with no flags this is the bundled CPU demo (synthetic Q&A, tiny model)."""
 
     # --- run and paths ---
-    run_name: str = "demo"  # outputs go to output_dir/run_name and log_dir/run_name
+    run_name: str = "demo"  # outputs go to output_dir/run_name; one run of a name at a time
     output_dir: str = "model_save"  # models and checkpoints: output_dir/run_name/{final,checkpoints}
     log_dir: str = ""  # TensorBoard + metrics.jsonl go to log_dir/<name>; empty: logs/, or the run's own dir with --output_dir
     train_file: str = "data/demo/train.parquet"  # file, dir, glob, comma list, or a mixture a:0.7,b:0.3 (see README)
@@ -95,8 +95,8 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO: optimizer states in host RAM (DeepSpeed CPU Adam); slower, less GPU memory
     offload_param: bool = False  # ZeRO-3: the weights in host RAM too
     # --- optimisation ---
-    epochs: int = 2  # passes over the training data (alias: --max_epochs)
-    max_steps: int = 0  # optimizer steps cap; 0: no cap
+    epochs: int = 2  # passes over the training data when --max_steps is 0 (alias: --max_epochs)
+    max_steps: int = 0  # optimizer steps of the run (the data repeats as needed); 0: --epochs decides
     batch_size_per_gpu: int = 32  # samples (packed rows with --packing) per process per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learn_rate: float = 3e-3  # peak learning rate

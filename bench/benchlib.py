@@ -167,11 +167,13 @@ def _train_config(spec: dict, workdir: str):
         validation_file="", test_file="", tokenizer_dir=spec["tokenizer_dir"], model_preset=spec["preset"],
         max_seq_len=spec["seq"], batch_size_per_gpu=spec["mb"], gradient_accumulation_steps=spec.get("ga", 1),
         epochs=1000, max_steps=spec["warmup"] + spec["steps"], learn_rate=spec.get("lr", 3e-4),
-        warmup_steps=spec.get("lr_warmup", 10), logging_steps=1, eval_steps=10**9, save_steps=10**9,
-        report_to="none", test_generation_samples=0, torch_compile=spec.get("compile", False),
+        warmup_steps=min(spec.get("lr_warmup", 10), spec["warmup"] + spec["steps"]), logging_steps=1, eval_steps=10**9, save_steps=10**9,
+        report_to="none", test_generation_samples=0, torch_compile=spec.get("compile", False), overwrite_output_dir=True,
         use_liger_kernel=spec.get("liger", False), gradient_checkpointing=spec.get("grad_ckpt", False),
         optimizer=spec.get("optimizer", "adamw"), bf16_weights=spec.get("bf16_weights", False),
         mixed_precision=("bf16" if cuda else "no"), seed=spec.get("seed", 42),
+        lora_r=spec.get("lora_r", 0), lora_alpha=spec.get("lora_alpha", 16.0), qlora=spec.get("qlora", False),
+        max_gpu_memory_gb=spec.get("max_gpu_memory_gb", 0.0),
     )
 
 
@@ -204,11 +206,26 @@ def _compile_decoder_only(original):
     """
     import dataclasses
 
-    def apply(model, cfg):
+    def apply(model, cfg, *args, **kwargs):
         if not (cfg.use_liger_kernel and cfg.torch_compile):
-            return original(model, cfg)
-        model = original(model, dataclasses.replace(cfg, torch_compile=False))
+            return original(model, cfg, *args, **kwargs)
+        model = original(model, dataclasses.replace(cfg, torch_compile=False), *args, **kwargs)
         model.get_decoder().compile() if hasattr(model, "get_decoder") else model.model.compile()
+        return model
+
+    return apply
+
+
+def _peak_after_build(original):
+    """apply_training_options, then the GPU peak restarts: the peak reported is training's, not building's
+    (a QLoRA base is built in bf16 before it is quantised); the build's peak is kept as build_peak_gib."""
+    import torch
+
+    def apply(model, cfg, *args, **kwargs):
+        model = original(model, cfg, *args, **kwargs)
+        if torch.cuda.is_available():
+            _TIMES["build_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         return model
 
     return apply
@@ -248,6 +265,8 @@ def _worker_lowmem(spec: dict, workdir: str) -> dict:
         _patch(modules, "build_model", lambda f: _build_on_device(f, spec["device"]))
     if spec.get("liger") and spec.get("compile") and spec.get("decoder_only_compile", True):
         _patch(modules, "apply_training_options", _compile_decoder_only)
+    if spec.get("peak_after_build"):
+        _patch(modules, "apply_training_options", _peak_after_build)
     t0 = time.time()
     loop.train(cfg)
     records = []
@@ -341,6 +360,7 @@ def worker(spec: dict) -> dict:
             traceback.print_exc()
     result["ceiling_flops"] = ceiling
     result["build_s"] = _TIMES.get("build_s")
+    result["build_peak_gib"] = _TIMES.get("build_peak_gib")
     result["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device == "cuda":
         result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -76,7 +76,8 @@ def main() -> None:
     cfg = TrainConfig(run_name="overhead", output_dir=work, log_dir=work, train_file=prefix + ".bin",
                       validation_file="", test_file="", tokenizer_dir=tok_dir, max_seq_len=args.seq,
                       batch_size_per_gpu=args.batch, max_steps=args.steps, epochs=10, logging_steps=log_every,
-                      eval_steps=10**9, save_steps=10**9, report_to="none", learn_rate=1e-3)
+                      eval_steps=10**9, save_steps=10**9, report_to="none", learn_rate=1e-3, warmup_steps=0,
+                      overwrite_output_dir=True)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     train(cfg)

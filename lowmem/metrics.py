@@ -56,7 +56,7 @@ def _step_of(line: str) -> int | None:
 class MetricsWriter:
     """Writes the same records to metrics.jsonl and to the Accelerate trackers, main process only."""
 
-    def __init__(self, accelerator, log_dir: str, resume_step: int | None):
+    def __init__(self, accelerator, log_dir: str, resume_step: int | None, config: dict | None = None):
         self.accelerator = accelerator
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self.enabled = accelerator.is_main_process
@@ -66,6 +66,9 @@ class MetricsWriter:
                 open(self.path, "w").close()
             else:
                 truncate_jsonl(self.path, resume_step)
+            if config is not None and resume_step is None:
+                # as text: TensorBoard's add_hparams would open a second, empty run beside this one
+                self.log_text("config", "    " + json.dumps(config, indent=1).replace("\n", "\n    "), 0)
 
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:

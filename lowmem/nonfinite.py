@@ -19,7 +19,7 @@ class TrainingHalted(UserError):
 
 
 class NonfiniteGuard:
-    def __init__(self, optimizer, enabled: bool, max_in_a_row: int, state: dict, checkpoint_dir: str,
+    def __init__(self, optimizer, enabled: bool, max_in_a_row: int, state, checkpoint_dir: str,
                  device, has_ema: bool):
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
         fused = isinstance(inner, torch.optim.AdamW) and bool(inner.defaults.get("fused"))
@@ -28,7 +28,7 @@ class NonfiniteGuard:
         self.optimizer = inner if enabled and fused and not has_ema else None
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
         self.streak, self.worst, self.count = zero(), zero(), zero()
-        self.streak += state["nonfinite_steps"]
+        self.streak += state.nonfinite_steps
 
     @property
     def on_device(self) -> bool:
@@ -49,12 +49,12 @@ class NonfiniteGuard:
             return True
         state = self.state
         if math.isfinite(float(grad_norm)):  # the host path's one sync per step
-            state["nonfinite_steps"] = 0
+            state.nonfinite_steps = 0
             return True
-        state["nonfinite_steps"] += 1
-        state["nonfinite_total"] += 1
-        metrics.log({"nonfinite_steps": state["nonfinite_steps"], "grad_norm": float(grad_norm)}, state["step"] + 1)
-        self._halt_if(state["nonfinite_steps"], state["step"] + 1)
+        state.nonfinite_steps += 1
+        state.nonfinite_total += 1
+        metrics.log({"nonfinite_steps": state.nonfinite_steps, "grad_norm": float(grad_norm)}, state.step + 1)
+        self._halt_if(state.nonfinite_steps, state.step + 1)
         return False
 
     def settle(self, metrics) -> None:
@@ -63,13 +63,13 @@ class NonfiniteGuard:
             return
         streak, worst, count = (int(t.item()) for t in (self.streak, self.worst, self.count))
         state = self.state
-        state["nonfinite_steps"] = streak
+        state.nonfinite_steps = streak
         if count:
-            state["nonfinite_total"] += count
-            metrics.log({"nonfinite_steps": worst, "nonfinite_since_last_log": count}, state["step"])
+            state.nonfinite_total += count
+            metrics.log({"nonfinite_steps": worst, "nonfinite_since_last_log": count}, state.step)
         self.worst.zero_()
         self.count.zero_()
-        self._halt_if(worst, state["step"])
+        self._halt_if(worst, state.step)
 
     def _halt_if(self, in_a_row: int, step: int) -> None:
         if in_a_row >= self.max_in_a_row:

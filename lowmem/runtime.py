@@ -110,6 +110,30 @@ class HostChannel:
         dist.all_gather(out, local, group=self.group)
         return torch.cat(out)
 
+    def gather_objects(self, value) -> list:
+        """Every process's small picklable value (positions, counters), at save and log time only."""
+        if self.group is None:
+            return [value]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def on_main(self, is_main: bool, work):
+        """Run `work` on the main process and give every process its result, or its UserError to raise."""
+        outcome = None
+        if is_main:
+            try:
+                outcome = ("ok", work())
+            except UserError as exc:
+                outcome = ("error", str(exc))
+        if self.group is not None:
+            box = [outcome]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            outcome = box[0]
+        if outcome[0] == "error":
+            raise UserError(outcome[1])
+        return outcome[1]
+
 
 class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop finishes the optimizer step, checkpoints and exits."""

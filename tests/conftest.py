@@ -11,6 +11,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+# one torch thread per test process: the suite runs two workers (pytest -n 2) on a 2-core CI machine, and a
+# trainer started by a test inherits this; torch's own default would oversubscribe the cores many times over
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +86,22 @@ def run_in_process(cfg):
         GradientState._reset_state()
 
 
-def cli(args, cwd=None, timeout=600, env=None, launcher=None):
-    """Run train_low_mem.py as a user would; returns the CompletedProcess."""
+def cli(args, cwd=None, timeout=1800, env=None, launcher=None):
+    """Run train_low_mem.py as a user would; returns the CompletedProcess (the timeout only stops a hang: CI may be slow)."""
     command = (launcher or [sys.executable]) + [os.path.join(REPO, "train_low_mem.py")] + list(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def two_processes(config: str = "cpu.yaml") -> list[str]:
+    """`accelerate launch` of 2 CPU processes on a free port (tests may run side by side)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(REPO, "accelerate_configs", config), "--main_process_port", str(port)]
 
 
 def env_without(folder, *packages: str) -> dict:
@@ -100,12 +114,108 @@ def env_without(folder, *packages: str) -> dict:
     return {"PYTHONPATH": os.pathsep.join(p for p in (hide, os.environ.get("PYTHONPATH", "")) if p)}
 
 
-def flags(cfg) -> list[str]:
+def flags(cfg, *overrides: str) -> list[str]:
+    """The config as command-line flags; `overrides` ("--name=value") replace the config's own (a flag given
+    twice is an error)."""
     import dataclasses
 
-    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, list)]
+    values = {k: f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, list)}
+    extra = []
+    for flag in overrides:
+        name = flag[2:].split("=", 1)[0]
+        if name in values:
+            values[name] = flag
+        else:
+            extra.append(flag)
+    return list(values.values()) + extra
 
 
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --- tokenizers shaped like real model families (test_encoding, test_architectures, test_generate) ----------
+
+# Templates of the shapes of real model families, written for these tests.
+QWEN25 = (  # ChatML with a default system prompt
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+QWEN3 = (  # ChatML; reasoning kept only in answers after the last user turn
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set answer = message.content %}{%- set thought = '' %}"
+    "{%- if '</think>' in answer %}"
+    "{%- set thought = answer.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set answer = answer.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_user and thought %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + answer + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + answer + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA31 = (  # header blocks, trimmed contents, a date header in the system block
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- set turns = messages %}{%- endif %}"
+    "{%- if date_string is not defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message + '<|eot_id|>' }}"
+    "{%- for message in turns %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+MISTRAL = (  # [INST] blocks, the system text inside the first one, raises for roles out of order
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set turns = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in turns %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user, assistant and a first system message are supported') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+NO_SYSTEM = (  # a template that rejects system messages
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- raise_exception('no system role') }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+)
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def family_tokenizer(path: str, template: str | None, specials=(), plain=(), **tokens):
+    """The tokenizer at `path` with a family's special tokens (special) and plain added tokens, token roles
+    (eos_token=..., bos_token=...) and chat template."""
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(s, special=False, normalized=False) for s in plain])
+    for name, value in tokens.items():
+        setattr(tokenizer, name, value)
+    tokenizer.chat_template = template
+    return tokenizer

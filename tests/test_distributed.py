@@ -202,7 +202,7 @@ def test_checkpoint_of_another_zero_layout_is_refused_not_skipped(tmp_path):
 
     from accelerate.utils import DistributedType
 
-    from lowmem.checkpoint import check_layout
+    from lowmem.checkpoint_sharded import check_layout
 
     plain = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1)
     zero2 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
@@ -267,7 +267,7 @@ def test_start_script_refuses_deepspeed_config_without_deepspeed(without_deepspe
            **without_deepspeed}
     result = subprocess.run(["bash", os.path.join(REPO, "start_pretrain_large.sh"), "1",
                              "accelerate_configs/deepspeed_zero2.yaml"], stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=60, env=env)
+                            capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 1 and "pip install deepspeed" in result.stderr
     assert "start training?" not in result.stdout + result.stderr  # no prompt without a terminal
 
@@ -284,7 +284,7 @@ def test_torchrun_two_cpu_processes(tmp_path, tokenizer_dir, qa_files):
                       trace_samples=True, batch_size_per_gpu=4, max_steps=3)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={distributed.free_port()}"]
-    result = cli(["train", *flags(cfg), "--local_rank=0"], launcher=launcher, cwd=str(tmp_path), timeout=300)
+    result = cli(["train", *flags(cfg, "--local_rank=0")], launcher=launcher, cwd=str(tmp_path), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [_trace(cfg, r) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 12 and not set(seen[0]) & set(seen[1])  # two real ranks, distinct data
@@ -300,11 +300,11 @@ def _two_machines(cfg, extra, port, tmp_path):
                 "--main_process_port", str(port), "--num_processes", "2"]
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = [os.path.join(REPO, "train_low_mem.py"), "train", *flags(cfg), *extra]
+    args = [os.path.join(REPO, "train_low_mem.py"), "train", *flags(cfg, *extra)]
     procs = [subprocess.Popen(launcher(r) + args, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        outputs = [p.communicate(timeout=1800)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -399,7 +399,7 @@ def test_deepspeed_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
     flag_args, first_half = SHARDED_CASES[name]
     json_file = os.path.join(CONFIGS, f"ds_{name}.json")
     straight, halves = _resume_configs(tmp_path, tokenizer_dir, qa_files)
-    result = cli(["train", *flags(straight), *flag_args], cwd=str(tmp_path), timeout=900)
+    result = cli(["train", *flags(straight, *flag_args)], cwd=str(tmp_path), timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"(DeepSpeed ZeRO-{flag_args[0][-1]})" in result.stdout + result.stderr
     assert os.path.isdir(os.path.join(straight.checkpoint_dir(), "step_00000004", "deepspeed", "state"))
@@ -409,21 +409,22 @@ def test_deepspeed_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         result = subprocess.run(["bash", os.path.join(REPO, "start_pretrain_large.sh"), "1",
                                  f"accelerate_configs/deepspeed_{name}.yaml", *flags(halves)], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=900, env=env, cwd=str(tmp_path))
+                                capture_output=True, text=True, timeout=1800, env=env, cwd=str(tmp_path))
     elif first_half == "accelerate_launch":
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                    os.path.join(CONFIGS, f"deepspeed_{name}.yaml"), "--num_processes", "1"]
-        result = cli(["train", *flags(halves)], launcher=launcher, cwd=str(tmp_path), timeout=900)
+                    os.path.join(CONFIGS, f"deepspeed_{name}.yaml"), "--num_processes", "1",
+                    "--main_process_port", str(distributed.free_port())]
+        result = cli(["train", *flags(halves)], launcher=launcher, cwd=str(tmp_path), timeout=1800)
     else:
-        result = cli(["train", *flags(halves), f"--deepspeed={json_file}"], cwd=str(tmp_path), timeout=900)
+        result = cli(["train", *flags(halves, f"--deepspeed={json_file}")], cwd=str(tmp_path), timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     resumed = dataclasses.replace(halves, max_steps=4, is_keep_training=True)
-    result = cli(["train", *flags(resumed), f"--deepspeed={json_file}"], cwd=str(tmp_path), timeout=900)
+    result = cli(["train", *flags(resumed, f"--deepspeed={json_file}")], cwd=str(tmp_path), timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stdout + result.stderr
     _assert_resume_matches(straight, halves)
-    refused = cli(["train", *flags(resumed), "--zero_stage=2" if name != "zero2" else "--zero_stage=3"],
-                  cwd=str(tmp_path), timeout=900)
+    refused = cli(["train", *flags(resumed, "--zero_stage=2" if name != "zero2" else "--zero_stage=3")],
+                  cwd=str(tmp_path), timeout=1800)
     assert refused.returncode == 2 and "resume refused" in refused.stderr  # another ZeRO layout is not skipped
 
 
@@ -431,10 +432,10 @@ def test_deepspeed_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
 def test_fsdp_train_resume_export(tmp_path, tokenizer_dir, qa_files):
     """FSDP2 full shard (accelerate_configs/fsdp.yaml) on one process: exact resume and a loadable export."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, "fsdp.yaml"),
-                "--num_processes", "1"]
+                "--num_processes", "1", "--main_process_port", str(distributed.free_port())]
     straight, halves = _resume_configs(tmp_path, tokenizer_dir, qa_files)
     for cfg in (straight, halves, dataclasses.replace(halves, max_steps=4, is_keep_training=True)):
-        result = cli(["train", *flags(cfg)], launcher=launcher, cwd=str(tmp_path), timeout=900)
+        result = cli(["train", *flags(cfg)], launcher=launcher, cwd=str(tmp_path), timeout=1800)
         assert result.returncode == 0, result.stderr[-4000:]
         assert "(FSDP)" in result.stdout + result.stderr  # really sharded, not a silent data-parallel fallback
     assert os.path.isfile(os.path.join(straight.checkpoint_dir(), "step_00000004", "optimizer.pt"))
@@ -453,7 +454,7 @@ def test_two_sharded_processes_train_resume_export(tmp_path, tokenizer_dir, qa_f
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     os.path.join(CONFIGS, config_file), "--num_processes", "2",
                     "--main_process_port", str(distributed.free_port())]
-        result = cli(["train", *flags(cfg)], launcher=launcher, cwd=str(tmp_path), timeout=900)
+        result = cli(["train", *flags(cfg)], launcher=launcher, cwd=str(tmp_path), timeout=1800)
         assert result.returncode == 0, result.stderr[-4000:]
         return result.stdout + result.stderr
 

@@ -41,7 +41,7 @@ def test_nothing_fits_is_a_clear_error():
 
 def test_auto_batch_size_needs_cuda_on_cpu(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2)
-    result = cli(["train", *flags(cfg), "--auto_batch_size=True"])
+    result = cli(["train", *flags(cfg, "--auto_batch_size=True")])
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -53,27 +53,25 @@ if HAS_TORCHAO:
 @pytest.mark.parametrize("optimizer, bf16_weights", CPU_OPTIONS)
 def test_optimizer_trains_saves_and_resumes_exactly(tmp_path, tokenizer_dir, qa_files, optimizer, bf16_weights):
     import dataclasses
-
-    common = dict(optimizer=optimizer, bf16_weights=bf16_weights, max_steps=8, save_steps=4, validation_file="",
-                  learn_rate=2e-3, warmup_steps=0)
-    whole = tiny_config(tmp_path / "a", tokenizer_dir, qa_files, **common)
-    run_in_process(whole)
-    part = tiny_config(tmp_path / "b", tokenizer_dir, qa_files, **common)
-    run_in_process(part)
-    # drop the last checkpoint and the final model: resume from step 4 and redo steps 5..8
     import shutil
 
-    shutil.rmtree(os.path.join(part.checkpoint_dir(), "step_00000008"))
-    shutil.rmtree(part.final_dir())
-    run_in_process(dataclasses.replace(part, is_keep_training=True))
-    la = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(whole.logging_dir(), "metrics.jsonl")) if "loss" in r}
-    lb = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(part.logging_dir(), "metrics.jsonl")) if "loss" in r}
-    assert la == lb
-    assert la[8] < la[1]  # it trains
     from safetensors.torch import load_file
 
-    wa, wb = load_file(os.path.join(whole.final_dir(), "model.safetensors")), load_file(
-        os.path.join(part.final_dir(), "model.safetensors"))
+    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, optimizer=optimizer, bf16_weights=bf16_weights, max_steps=8,
+                      save_steps=4, validation_file="", learn_rate=2e-3, warmup_steps=0)
+    run_in_process(cfg)
+
+    def losses():
+        return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl")) if "loss" in r}
+
+    la, wa = losses(), load_file(os.path.join(cfg.final_dir(), "model.safetensors"))
+    # drop the last checkpoint and the final model: resume from step 4 and redo steps 5..8
+    shutil.rmtree(os.path.join(cfg.checkpoint_dir(), "step_00000008"))
+    shutil.rmtree(cfg.final_dir())
+    run_in_process(dataclasses.replace(cfg, is_keep_training=True))
+    assert losses() == la
+    assert la[8] < la[1]  # it trains
+    wb = load_file(os.path.join(cfg.final_dir(), "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     if bf16_weights:
         assert all(v.dtype == torch.bfloat16 for v in wa.values())

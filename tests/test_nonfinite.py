@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem.nonfinite import NonfiniteGuard, TrainingHalted
+from lowmem.state import TrainState
 
 
 class Metrics:
@@ -34,7 +35,7 @@ def _run(optimizer_cls, grads_per_step, max_in_a_row=3):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     optimizer = optimizer_cls(params)
-    state = {"step": 0, "nonfinite_steps": 0, "nonfinite_total": 0}
+    state = TrainState()
     metrics = Metrics()
     guard = NonfiniteGuard(optimizer, True, max_in_a_row, state, "ckpt", torch.device("cpu"), has_ema=False)
     reads = HostReads()
@@ -45,7 +46,7 @@ def _run(optimizer_cls, grads_per_step, max_in_a_row=3):
         with reads:
             if guard.allows_step(norm, metrics):
                 optimizer.step()
-        state["step"] += 1
+        state.step += 1
     return guard, params, optimizer, state, metrics, reads.reads
 
 
@@ -67,10 +68,10 @@ def test_device_path_skips_like_the_host_path_without_host_reads():
     for a, b in zip(device_params, host_params):
         torch.testing.assert_close(a, b)  # skipped steps changed nothing; the finite ones stepped the same
         assert device_opt.state[a]["step"].item() == host_opt.state[b]["step"].item() == 3
-    assert device_state["nonfinite_total"] == 0  # not read yet...
+    assert device_state.nonfinite_total == 0  # not read yet...
     device_guard.settle(device_metrics)
-    assert device_state["nonfinite_total"] == host_state["nonfinite_total"] == 3  # ...and now it is
-    assert device_state["nonfinite_steps"] == host_state["nonfinite_steps"] == 0
+    assert device_state.nonfinite_total == host_state.nonfinite_total == 3  # ...and now it is
+    assert device_state.nonfinite_steps == host_state.nonfinite_steps == 0
     assert device_metrics.records[-1] == (6, {"nonfinite_steps": 2, "nonfinite_since_last_log": 3})
 
 
@@ -87,7 +88,7 @@ def test_host_path_halts_on_the_step():
 
 def test_ema_or_other_optimizers_decide_on_the_host():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    state = {"step": 0, "nonfinite_steps": 0, "nonfinite_total": 0}
+    state = TrainState()
     assert not NonfiniteGuard(fused(params), True, 3, state, "c", "cpu", has_ema=True).on_device
     assert not NonfiniteGuard(plain(params), True, 3, state, "c", "cpu", has_ema=False).on_device
     assert not NonfiniteGuard(fused(params), False, 3, state, "c", "cpu", has_ema=False).on_device

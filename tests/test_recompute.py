@@ -78,10 +78,10 @@ def test_trainer_losses_do_not_depend_on_the_mode(tmp_path, tokenizer_dir, qa_fi
 
 @pytest.mark.parametrize("extra, needle", [
     (["--gradient_checkpointing_mode=selective"], "take effect only with --gradient_checkpointing=True"),
-    (["--gradient_checkpointing=True", "--gradient_checkpointing_mode=ops"], "choose one of full, selective"),
+    (["--gradient_checkpointing=True", "--gradient_checkpointing_mode=ops"], "expects one of full, selective"),
     (["--gradient_checkpointing=True", "--gradient_checkpointing_every=0"], "whole number >= 1"),
 ])
 def test_checkpointing_flags_are_checked(tmp_path, tokenizer_dir, qa_files, extra, needle):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=1)
-    result = cli(["train", *flags(cfg), *extra])
+    result = cli(["train", *flags(cfg, *extra)])
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr

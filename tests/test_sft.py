@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import cli, read_jsonl, run_in_process, tiny_config
 
-from lowmem.data.batches import SampleEncoder, collate, collate_packed, pack_rows
+from lowmem.data.batches import collate, collate_packed, pack_rows
+from lowmem.data.encoding import SampleEncoder
 from lowmem.template import IGNORE_INDEX, encode_example
 
 

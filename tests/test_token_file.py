@@ -119,7 +119,7 @@ def test_sigkilled_run_resumes_to_identical_bytes(tmp_path, tiny_tokenizer, caps
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
     with open(prefix + ".json", encoding="utf-8") as f:
         partial = json.load(f)

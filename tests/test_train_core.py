@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config
+from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config, two_processes
 
 
 def expected_lr(step, peak, warmup, div_factor, floor_ratio, total):
@@ -110,11 +110,16 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, args, needle):
     assert len(error_lines) == 1
 
 
-def test_missing_data_file_is_one_line_error(tmp_path, tokenizer_dir):
-    result = cli(["train", f"--train_file={tmp_path}/missing.parquet", f"--tokenizer_dir={tokenizer_dir}",
-                  f"--output_dir={tmp_path}/ms", f"--log_dir={tmp_path}/logs"], cwd=str(tmp_path))
-    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
-    assert not os.path.exists(tmp_path / "ms" / "demo" / "final")
+def test_missing_inputs_are_named_together_in_one_line(tmp_path):
+    result = cli(["train", f"--train_file={tmp_path}/missing.parquet", f"--tokenizer_dir={tmp_path}/no_tokenizer",
+                  f"--validation_file={tmp_path}/valid-*.parquet", f"--output_dir={tmp_path}/ms",
+                  f"--log_dir={tmp_path}/logs"], cwd=str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: 3 input(s) missing")
+    for needle in ("missing.parquet' does not exist", "valid-*.parquet' matches no file", "no_tokenizer' does not exist"):
+        assert needle in errors[0]
+    assert not os.path.exists(tmp_path / "ms")
 
 
 def test_space_separated_flags_and_show_config(tmp_path):
@@ -134,9 +139,7 @@ def test_space_separated_flags_and_show_config(tmp_path):
 
 def test_two_process_launch_trains_distinct_batches(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, trace_samples=True, batch_size_per_gpu=4)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                os.path.join(REPO, "accelerate_configs", "cpu.yaml")]
-    result = cli(["train", *flags(cfg)], launcher=launcher, cwd=str(tmp_path))
+    result = cli(["train", *flags(cfg)], launcher=two_processes(), cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [read_jsonl(os.path.join(cfg.logging_dir(), f"samples_rank{r}.jsonl")) for r in (0, 1)]
     seen = [[h for rec in recs for h in rec["samples"]] for recs in ranks]
@@ -168,7 +171,7 @@ def _bad_inputs(tmp_path, tokenizer_dir):
     (tmp_path / "badtok").mkdir()
     (tmp_path / "badtok" / "tokenizer.json").write_text("{not json")
     good = str(tmp_path / "cols.parquet")
-    return [([f"--train_file={good}", f"--tokenizer_dir={tokenizer_dir}"], "needs columns prompt+response"),
+    return [([f"--train_file={good}", f"--tokenizer_dir={tokenizer_dir}"], "name the columns with --prompt_column"),
             ([f"--train_file={tmp_path}/empty.parquet", f"--tokenizer_dir={tokenizer_dir}"], "is empty"),
             ([f"--tokenizer_dir={tmp_path}/badtok"], "could not be read")]
 
