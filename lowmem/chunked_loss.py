@@ -61,6 +61,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_w, None, None
 
 
+# Run eagerly under torch.compile: the chunk loop's trip count depends on the token count, so a traced
+# loop pins the graph to one sequence length and every new width (padded or packed batches) recompiled
+# the whole model until the recompile limit. One graph break here costs little: the chunks are matmuls.
+@torch.compiler.disable
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              chunk_rows: int = 4096) -> torch.Tensor:
     """Sum over tokens of cross_entropy(hidden @ weight.T, labels), ignoring labels == -100."""
