@@ -1,7 +1,9 @@
 """GPU memory: optimizer-state options on the 1B preset, the 7B shape, and the largest model in a 20 GiB budget.
 
-    python bench/memory_fit.py                          # all three parts on CUDA
+    python bench/memory_fit.py                          # the four parts on CUDA
     python bench/memory_fit.py --parts optim --preset tiny --seq 128 --steps 8   # CPU smoke run
+    python bench/memory_fit.py --parts lora             # 7B LoRA and QLoRA in --max_gpu_memory_gb=20
+    python bench/memory_fit.py --parts lora --preset_7b tiny --seq 128 --max_mb_lora 8  # CPU smoke run (LoRA only)
 
 Every run goes through this trainer's loop (`lowmem.loop.train`), each in a fresh process, on a
 learnable synthetic token stream (bench/benchlib.py: a Markov chain, best loss about 1.06 nats).
@@ -17,6 +19,11 @@ Parts:
   budget  torch.cuda.set_per_process_memory_fraction(20 GiB / card) before anything is built; the
           largest of 3b / large that trains at seq 2048 (micro-batch 1, gradient checkpointing,
           bf16 weights), trying adamw_8bit, then adamw_4bit, then adafactor.
+  lora    preset 7b, seq 2048, gradient checkpointing, --max_gpu_memory_gb=--budget_gib (20): LoRA r=16 on
+          every linear layer of the blocks over a bf16 base, then QLoRA (NF4 base, bf16 compute). Probes
+          at micro-batch 1 and 2 give the memory per sample, then the largest micro-batch predicted to fit
+          is run (smaller ones after an OOM). Peak GPU memory is training's (after the base is built and
+          quantised; the build's own peak is reported beside it) and tokens/s.
 
 The model is initialised directly on the GPU (bench/benchlib.py `_build_on_device`); the
 trainer itself builds it on the host in fp32 first, which for 7B takes minutes and ~27 GB of RAM.
@@ -45,7 +52,7 @@ OPTIM_CONFIGS = [
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    ap.add_argument("--parts", default="optim,7b,budget")
+    ap.add_argument("--parts", default="optim,7b,budget,lora")
     ap.add_argument("--preset", default=None, help="optim part preset (default large; CPU tiny)")
     ap.add_argument("--seq", type=int, default=None, help="default 2048 (CPU 128)")
     ap.add_argument("--mb", type=int, default=4, help="optim part micro-batch")
@@ -58,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--preset_7b", default="7b", help="7b part preset (another only to test this script)")
     ap.add_argument("--budget_gib", type=float, default=20.0)
     ap.add_argument("--budget_presets", default="3b,large")
+    ap.add_argument("--lora_r", type=int, default=16, help="lora part: adapter rank")
+    ap.add_argument("--max_mb_lora", type=int, default=64, help="lora part: largest micro-batch tried")
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--time_budget", type=float, default=3600.0)
     ap.add_argument("--workdir", default="/tmp/lowmem_bench")
@@ -192,6 +201,61 @@ def part_budget(runner: Runner, args) -> str:
                                "peak GPU reserved GiB", "status"])
 
 
+LORA_CONFIGS = [("LoRA", {}), ("QLoRA", {"qlora": True})]
+
+
+def _lora_spec(runner: Runner, args, name: str, extra: dict, mb: int) -> dict:
+    cuda = args.device == "cuda"
+    return runner.spec(f"lora_{'q' if extra.get('qlora') else ''}r{args.lora_r}_mb{mb}", preset=args.preset_7b, mb=mb,
+                       warmup=1, steps=3, grad_ckpt=True, optimizer="adamw", lr=1e-4, lora_r=args.lora_r,
+                       lora_alpha=2.0 * args.lora_r, peak_after_build=True, label=name,
+                       # QLoRA builds its bf16 base on the host and sends each weight over as NF4, as the trainer does
+                       build_on_device=not extra.get("qlora"),
+                       max_gpu_memory_gb=args.budget_gib if cuda else 0.0,
+                       mem_budget_gib=args.budget_gib if cuda else 0.0, **extra)
+
+
+def _largest_lora_batch(runner: Runner, args, name: str, extra: dict) -> list[dict]:
+    """Micro-batches 1 and 2, then the largest the slope between them predicts in the budget (smaller on OOM)."""
+    rows = [runner.run(_lora_spec(runner, args, name, extra, mb)) for mb in (1, 2)]
+    if not all(r.get("ok") for r in rows):
+        return rows
+    peaks = [r.get("peak_reserved_gib", r["host_peak_rss_gib"]) for r in rows]
+    per_sample = max(peaks[1] - peaks[0], 0.05)
+    budget = args.budget_gib if args.device == "cuda" else 4.0  # CPU smoke runs: a pretend 4 GiB card
+    target = min(args.max_mb_lora, int((budget * 0.94 - (peaks[0] - per_sample)) / per_sample))
+    print(f"  {name}: {peaks[0] - per_sample:.1f} GiB fixed, {per_sample:.2f} GiB per sample -> try {target}")
+    tried = {1, 2}
+    while target > 2 and target not in tried:
+        tried.add(target)
+        result = runner.run(_lora_spec(runner, args, name, extra, target))
+        rows.append(result)
+        if not result.get("oom"):
+            break
+        target = int(target * 0.85)
+    return rows
+
+
+def part_lora(runner: Runner, args) -> str:
+    if args.device != "cuda":
+        print("  lora part on CPU: QLoRA needs CUDA, LoRA only (a smoke run of this script)")
+    table = []
+    for name, extra in LORA_CONFIGS:
+        if extra.get("qlora") and args.device != "cuda":
+            continue
+        for r in _largest_lora_batch(runner, args, name, extra):
+            table.append([name, str(r["spec"]["mb"]), fmt(r.get("tokens_per_sec"), ",.0f"),
+                          fmt(r.get("peak_alloc_gib"), ".1f"), fmt(r.get("peak_reserved_gib"), ".1f"),
+                          fmt(r.get("build_peak_gib"), ".1f"), fmt(r.get("host_peak_rss_gib"), ".1f"),
+                          fmt(r.get("final_loss"), ".3f"), status(r)])
+    print(f"\n{args.preset_7b} preset, seq {args.seq}, gradient checkpointing, LoRA r={args.lora_r} on every linear "
+          f"layer of the blocks (base in bf16 on CUDA, NF4 with QLoRA; fp32 on CPU), adamw on the adapters, "
+          f"--max_gpu_memory_gb={args.budget_gib:g}:")
+    return print_table(table, ["adapters", "micro-batch", "tokens/s", "peak GPU alloc GiB (training)",
+                               "peak GPU reserved GiB", "peak GPU alloc GiB (build)", "host peak RSS GiB", "loss",
+                               "status"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -207,7 +271,7 @@ def main(argv=None) -> int:
           f"liger {'yes' if importlib.util.find_spec('liger_kernel') else 'no'}", flush=True)
     runner = Runner(args, data, tok)
     summary: dict = {"args": vars(args), "date": str(datetime.date.today()), "tables": {}}
-    parts = {"optim": part_optim, "7b": part_7b, "budget": part_budget}
+    parts = {"optim": part_optim, "7b": part_7b, "budget": part_budget, "lora": part_lora}
     for part in args.parts:
         summary["tables"][part] = parts[part](runner, args)
     for r in runner.results:

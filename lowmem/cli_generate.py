@@ -1,17 +1,20 @@
 """Terminal commands for a trained model: `generate`, `chat` and `evaluate`, plus the chat REPL.
 
-Each command takes explicit keyword flags (so Fire rejects unknown ones) and converts every value
-through its type itself, because Fire turns numeric-looking text into numbers and does not coerce.
-Bad values are UserErrors, raised before the model is loaded where possible.
+Each command names its flags explicitly and collects the rest in `**unknown` only to reject them
+first: Fire reports an unknown flag only after the command returned, so a typo would cost a whole
+generation run. Every value is converted through its type here, because Fire turns numeric-looking
+text into numbers and does not coerce. Bad values are UserErrors, raised before the model is loaded.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 
-from .cli import convert
+from .cli import command_help, convert, explicit_flags, import_models_quietly, reject_unknown_flags
+from .data.sources import PRETRAIN_KINDS  # data kinds that never went through the chat template
 from .errors import UserError
 from .generate import (GenerationOptions, context_length, generate_text, is_encoder_decoder, iter_generate,
                        load_for_inference, resolve_model_dir, stream_text)
@@ -19,7 +22,58 @@ from .template import build_messages, encode_prompt, render_prompt, render_seq2s
 
 D = GenerationOptions()  # the defaults every command shows
 EXIT_COMMANDS = {"exit", "quit", "q", "/exit", "/quit"}
+TEMPLATES = ("auto", "chat", "none")
 CLEAR_COMMANDS = {"clear", "/clear"}
+
+
+# one line per flag for `generate|chat|evaluate --help`
+MEANINGS = {
+    "model_dir": "model_save/<run>/final, a checkpoint directory (step_XXXXXXXX), any Hugging Face model dir, or a "
+                 "LoRA adapter dir (its base is loaded from adapter_config.json's base_model_name_or_path)",
+    "prompt": "the one prompt to answer (printed; with --output also written as JSONL)",
+    "batch_file": "answer every prompt of prompts.txt (one a line) or a parquet/jsonl with a prompt column",
+    "output": "where the answers go as JSONL; default: <batch_file>.generated.jsonl",
+    "stream": "print the answer token by token as it is generated",
+    "template": "auto: the chat template if the model was trained on prompts/conversations, plain continuation if "
+                "only on text (train_config.json's data_kinds) | chat | none",
+    "raw": "feed the prompt as plain text to continue, no chat template (same as --template=none)",
+    "max_new_tokens": "tokens generated at most per answer",
+    "temperature": "sampling temperature; 0 decodes greedily",
+    "top_k": "sample among the k most likely tokens; 0: no limit",
+    "top_p": "nucleus sampling: the smallest set of tokens with this much probability; 1.0: off",
+    "repetition_penalty": "above 1.0 makes repeated tokens less likely; 1.0: none",
+    "no_repeat_ngram_size": "never repeat an n-gram of this size; 0: off",
+    "greedy": "always take the most likely token (no sampling)",
+    "seed": "seed of the sampling, for answers that repeat; None: a fresh draw",
+    "system": "a system message put before the conversation",
+    "batch_size": "prompts (or rows) processed together",
+    "use_ema": "use the EMA weights of a checkpoint (its ema/ directory)",
+    "trust_pickle": "allow loading pytorch_model.bin (pickle can run code); only for files you wrote",
+    "device": "cpu, cuda or cuda:N; default: cuda when visible, else cpu",
+    "dtype": "float32, bfloat16 or float16; default: bfloat16 on a GPU that has it, else float32",
+    "max_seq_len": "tokens the model reads at most; default: the run's max_seq_len, else the model's context",
+    "show_prompt": "write each full prompt (history and template included) to stderr",
+    "file": "the parquet/jsonl file (prompt/response or text) or token file (.bin) to score",
+    "generation_metrics": "also answer every prompt greedily and score exact match and BLEU-4",
+    "max_examples": "score at most this many rows; None: all",
+}
+EVALUATE_OUTPUT = "where the JSON result goes; default: <file>.eval.json"
+
+
+def help_text(command: str) -> str:
+    """`--help` of generate, chat or evaluate: every flag with its default and meaning."""
+    function = {"generate": generate, "chat": chat, "evaluate": evaluate}[command]
+    meanings = {**MEANINGS, "output": EVALUATE_OUTPUT} if command == "evaluate" else MEANINGS
+    return command_help(command, function, meanings)
+
+
+def _check_flags(command: str, function, unknown: dict) -> bool:
+    """True after printing help for --help; a UserError for an unknown flag, before any work."""
+    if "help" in unknown or "h" in unknown:
+        print(help_text(command))
+        return True
+    reject_unknown_flags(command, explicit_flags(function), unknown)
+    return False
 
 
 # ---------------------------------------------------------------- shared flag handling
@@ -36,21 +90,55 @@ def build_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
 
 
 def _load(model_dir, use_ema, trust_pickle, device, dtype):
+    import_models_quietly()  # torchao is not used to answer prompts
     return load_for_inference(str(model_dir), device=device, dtype=dtype, use_ema=convert("use_ema", use_ema, bool),
                               trust_pickle=convert("trust_pickle", trust_pickle, bool))
 
 
-def default_max_seq_len(model_dir: str, model, use_ema: bool = False) -> int:
-    """max_seq_len of the run's train_config.json, else the model's context, else 512."""
+def read_train_config(model_dir: str, use_ema: bool = False) -> dict:
+    """The run's train_config.json (in the export, or beside a checkpoint); {} for models from elsewhere."""
     path = resolve_model_dir(str(model_dir), use_ema)
     for directory in (path, str(model_dir), os.path.dirname(os.path.dirname(os.path.abspath(str(model_dir))))):
         config_file = os.path.join(directory, "train_config.json")
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as f:
-                value = json.load(f).get("max_seq_len")
-            if isinstance(value, int) and value > 1:
-                return value
+                return json.load(f)
+    return {}
+
+
+def default_max_seq_len(model_dir: str, model, use_ema: bool = False) -> int:
+    """max_seq_len of the run's train_config.json, else the model's context, else 512."""
+    value = read_train_config(model_dir, use_ema).get("max_seq_len")
+    if isinstance(value, int) and value > 1:
+        return value
     return context_length(model) or 512
+
+
+def check_prompt_format(template: str, raw: bool) -> None:
+    if template not in TEMPLATES:
+        raise UserError(f"--template={template!r} is not one of {', '.join(TEMPLATES)}")
+    if raw and template == "chat":
+        raise UserError("--raw=True contradicts --template=chat; pass one of them")
+
+
+def use_raw_prompts(template: str, raw: bool, train_config: dict, tokenizer) -> tuple[bool, str]:
+    """(continue the prompt as plain text?, why): as asked, else as the model's training data was."""
+    check_prompt_format(template, raw)
+    if raw or template != "auto":
+        return raw or template == "none", "as asked"
+    kinds = train_config.get("data_kinds")
+    if kinds:
+        only_text = all(kind in PRETRAIN_KINDS for kind in kinds)
+        return only_text, f"the model was trained on {', '.join(kinds)} data"
+    if getattr(tokenizer, "chat_template", None):
+        return False, "the tokenizer has a chat template"
+    return True, "no train_config.json says how it was trained and the tokenizer has no chat template"
+
+
+def _announce_template(raw: bool, why: str) -> None:
+    other = "--template=chat" if raw else "--raw=True"
+    print(f"prompt format: {'plain text continued (no chat template)' if raw else 'chat template'} ({why}; "
+          f"{other} for the other)", file=sys.stderr)
 
 
 def _max_seq_len(value, model_dir, model, use_ema) -> int:
@@ -86,34 +174,41 @@ def read_prompts(path: str) -> list[str]:
 
 # ---------------------------------------------------------------- commands
 
-def generate(model_dir, prompt=None, batch_file=None, output=None, stream=False, max_new_tokens=D.max_new_tokens,
-             temperature=D.temperature, top_k=D.top_k, top_p=D.top_p, repetition_penalty=D.repetition_penalty,
-             no_repeat_ngram_size=D.no_repeat_ngram_size, greedy=False, seed=None, system=None, batch_size=8,
-             use_ema=False, trust_pickle=False, device=None, dtype=None):
+def generate(model_dir, prompt=None, batch_file=None, output=None, stream=False, template="auto", raw=False,
+             max_new_tokens=D.max_new_tokens, temperature=D.temperature, top_k=D.top_k, top_p=D.top_p,
+             repetition_penalty=D.repetition_penalty, no_repeat_ngram_size=D.no_repeat_ngram_size, greedy=False,
+             seed=None, system=None, batch_size=8, use_ema=False, trust_pickle=False, device=None, dtype=None,
+             **unknown):
     """Answer one --prompt (printed, or streamed with --stream) or every prompt of --batch_file (to JSONL)."""
+    if _check_flags("generate", generate, unknown):
+        return None
     options = build_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size,
                             greedy, seed)
     batch_size = convert("batch_size", batch_size, int)
+    template, raw = str(template), convert("raw", raw, bool)
+    check_prompt_format(template, raw)  # before the model is loaded
     if (prompt is None) == (batch_file is None):
         raise UserError("pass exactly one of --prompt='...' and --batch_file=prompts.txt")
-    if batch_file is not None:
-        prompts = read_prompts(batch_file)
-        output = str(output) if output else os.path.splitext(str(batch_file))[0] + ".generated.jsonl"
-        model, tokenizer = _load(model_dir, use_ema, trust_pickle, device, dtype)
-        _generate_file(model, tokenizer, prompts, options, batch_size, output)
-        return None
+    prompts = read_prompts(batch_file) if batch_file is not None else None
     model, tokenizer = _load(model_dir, use_ema, trust_pickle, device, dtype)
+    raw, why = use_raw_prompts(template, raw, read_train_config(model_dir, convert("use_ema", use_ema, bool)),
+                               tokenizer)
+    _announce_template(raw, why)
+    if prompts is not None:
+        output = str(output) if output else os.path.splitext(str(batch_file))[0] + ".generated.jsonl"
+        _generate_file(model, tokenizer, prompts, options, batch_size, output, raw)
+        return None
     prompt, system = str(prompt), None if system is None else str(system)
     if convert("stream", stream, bool):
         pieces = []
-        for piece in stream_text(model, tokenizer, prompt, options, system=system):
+        for piece in stream_text(model, tokenizer, prompt, options, system=system, raw=raw):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         response = "".join(pieces)
     else:
-        response = generate_text(model, tokenizer, prompt, options, system=system)
+        response = generate_text(model, tokenizer, prompt, options, system=system, raw=raw)
         print(response)
     if output:
         with open(str(output), "w", encoding="utf-8") as f:
@@ -121,35 +216,42 @@ def generate(model_dir, prompt=None, batch_file=None, output=None, stream=False,
     return None
 
 
-def _generate_file(model, tokenizer, prompts, options, batch_size, output) -> None:
+def _generate_file(model, tokenizer, prompts, options, batch_size, output, raw: bool = False) -> None:
     from tqdm import tqdm
 
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f, tqdm(total=len(prompts), unit="prompt", file=sys.stderr) as bar:
-        answers = iter_generate(model, tokenizer, prompts, options, batch_size, on_batch=bar.update)
+        answers = iter_generate(model, tokenizer, prompts, options, batch_size, on_batch=bar.update, raw=raw)
         for prompt, response in zip(prompts, answers):
             f.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
             f.flush()  # lines written so far survive an interrupted run
     print(f"wrote {len(prompts)} answers to {output}", file=sys.stderr)
 
 
-def chat(model_dir, max_new_tokens=D.max_new_tokens, temperature=D.temperature, top_k=D.top_k, top_p=D.top_p,
+def chat(model_dir, max_new_tokens=None, temperature=D.temperature, top_k=D.top_k, top_p=D.top_p,
          repetition_penalty=D.repetition_penalty, no_repeat_ngram_size=D.no_repeat_ngram_size, greedy=False,
          seed=None, system=None, max_seq_len=None, show_prompt=False, use_ema=False, trust_pickle=False, device=None,
-         dtype=None):
+         dtype=None, **unknown):
     """Multi-turn chat on the terminal or over a pipe; `clear` forgets, `exit`/`quit`/`q`/Ctrl-D leave."""
-    options = build_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size,
-                            greedy, seed)
+    if _check_flags("chat", chat, unknown):
+        return None
+    options = build_options(D.max_new_tokens if max_new_tokens is None else max_new_tokens, temperature, top_k,
+                            top_p, repetition_penalty, no_repeat_ngram_size, greedy, seed)
     model, tokenizer = _load(model_dir, use_ema, trust_pickle, device, dtype)
-    chat_loop(model, tokenizer, options, max_seq_len=_max_seq_len(max_seq_len, model_dir, model, use_ema),
+    seq_len = _max_seq_len(max_seq_len, model_dir, model, use_ema)
+    if max_new_tokens is None:  # half the context for the answer, the rest for the conversation so far
+        options = dataclasses.replace(options, max_new_tokens=max(1, min(D.max_new_tokens, seq_len // 2)))
+    chat_loop(model, tokenizer, options, max_seq_len=seq_len,
               system=None if system is None else str(system), show_prompt=convert("show_prompt", show_prompt, bool))
     return None
 
 
 def evaluate(model_dir, file, output=None, max_seq_len=None, batch_size=8, generation_metrics=False,
              max_examples=None, max_new_tokens=D.max_new_tokens, use_ema=False, trust_pickle=False, device=None,
-             dtype=None):
+             dtype=None, **unknown):
     """Loss and perplexity on --file (plus exact match and BLEU-4 with --generation_metrics); writes JSON."""
+    if _check_flags("evaluate", evaluate, unknown):
+        return None
     from . import evaluate as evaluation
 
     batch_size = convert("batch_size", batch_size, int)

@@ -1,4 +1,8 @@
-"""Exponential moving average of the weights, kept as a separate model copy (eval and export use it)."""
+"""Exponential moving average of the trained weights, kept as a model copy that eval and export use.
+
+The copy shares every frozen weight with the trained model (a LoRA base, frozen embeddings): only the
+weights that train are held twice, so with LoRA the EMA costs the adapters' size, not a second base.
+"""
 from __future__ import annotations
 
 import copy
@@ -13,7 +17,8 @@ class EMA:
 
             raise UserError(f"--ema_decay={decay} must be between 0 and 1")
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}  # deepcopy reuses what memo holds
+        self.model = copy.deepcopy(model, memo=frozen).eval()
         self.model.requires_grad_(False)
         self._pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters()) if p.requires_grad]
 

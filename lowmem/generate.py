@@ -1,8 +1,10 @@
 """Inference on a trained model directory: load, generate (one, streamed, batched).
 
 Every prompt is encoded by lowmem.template, the template SFT training used, so the model is asked in
-the format it learnt; answers end at the template's stop tokens. Generation itself is Hugging Face
-`model.generate`. Only safetensors weights are loaded unless the user trusts a pickle file.
+the format it learnt (or, with raw=True, fed as plain text to continue, for pretrained-only models);
+answers end at the template's stop tokens. Generation itself is Hugging Face `model.generate`. A LoRA
+adapter directory loads on the base it names. Only safetensors weights are loaded unless the user
+trusts a pickle file.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from . import adapters
 from .errors import UserError
 from .template import build_messages, encode_prompt, stop_token_ids
 from .tokenizer import load_tokenizer
@@ -30,17 +33,22 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 # ---------------------------------------------------------------- loading
 
+def _is_model_dir(path: str) -> bool:
+    """A Hugging Face model directory, or a LoRA adapter directory (which names its base)."""
+    return os.path.isfile(os.path.join(path, "config.json")) or adapters.is_adapter_dir(path)
+
+
 def resolve_model_dir(path: str, use_ema: bool = False) -> str:
-    """The Hugging Face directory inside a final export or a training checkpoint."""
+    """The Hugging Face (or adapter) directory inside a final export or a training checkpoint."""
     if not path or not os.path.isdir(str(path)):
         raise UserError(f"model_dir '{path}' does not exist; pass model_save/<run>/final or a checkpoint directory")
     path = str(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if _is_model_dir(path):
         return path
     sub = os.path.join(path, "ema" if use_ema else "model")
-    if os.path.isfile(os.path.join(sub, "config.json")):
+    if _is_model_dir(sub):
         return sub
-    if use_ema and os.path.isfile(os.path.join(path, "model", "config.json")):
+    if use_ema and _is_model_dir(os.path.join(path, "model")):
         raise UserError(f"checkpoint '{path}' has no ema/ (the run trained without EMA); drop --use_ema")
     raise UserError(f"'{path}' is not a model directory (no config.json, nor model/config.json inside); pass "
                     "model_save/<run>/final or model_save/<run>/checkpoints/step_XXXXXXXX")
@@ -98,6 +106,9 @@ def load_for_inference(model_dir: str, device=None, dtype=None, use_ema: bool = 
         print(f"warning: loading pickle weights from '{path}' because --trust_pickle=True; only do this for files "
               "you trust", file=sys.stderr)
     device = resolve_device(device)
+    if adapters.is_adapter_dir(path):
+        model = adapters.load_merged(path, resolve_dtype(dtype, device), len(tokenizer))
+        return model.to(device).eval(), tokenizer
     try:
         config = AutoConfig.from_pretrained(path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
@@ -187,11 +198,19 @@ def context_length(model) -> int | None:
     return None
 
 
+def raw_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as plain text to continue, tokenized as `tokenizer(prompt)` does (with BOS where it adds one)."""
+    return tokenizer(str(prompt), add_special_tokens=True)["input_ids"]
+
+
 def prompt_ids(model, tokenizer, prompt: str, history=None, system: str | None = None,
-               truncate_for: int = 0) -> list[int]:
-    """Template-encoded prompt; one that fills the context is an error, or with truncate_for=N is cut
-    from the left to leave room for N new tokens."""
-    ids = encode_prompt(tokenizer, build_messages(str(prompt), history, system), is_encoder_decoder(model))
+               truncate_for: int = 0, raw: bool = False) -> list[int]:
+    """Template-encoded prompt (raw: the text itself); one that fills the context is an error, or with
+    truncate_for=N is cut from the left to leave room for N new tokens."""
+    if raw and (history or system):
+        raise UserError("a raw prompt is plain text to continue: it takes no history or system message")
+    ids = raw_prompt_ids(tokenizer, prompt) if raw else encode_prompt(
+        tokenizer, build_messages(str(prompt), history, system), is_encoder_decoder(model))
     limit = context_length(model)
     if limit is not None and truncate_for:
         return ids[-max(1, limit - truncate_for):]  # the newest tokens, which end where the answer starts
@@ -254,10 +273,10 @@ def _seed(options: GenerationOptions) -> None:
 
 
 def generate_text(model, tokenizer, prompt: str, options: GenerationOptions | None = None, history=None,
-                  system: str | None = None) -> str:
-    """The model's answer to `prompt` after earlier (user, assistant) turns."""
+                  system: str | None = None, raw: bool = False) -> str:
+    """The model's answer to `prompt` after earlier (user, assistant) turns; raw: its continuation of the text."""
     options = options or GenerationOptions()
-    ids = prompt_ids(model, tokenizer, prompt, history, system)
+    ids = prompt_ids(model, tokenizer, prompt, history, system, raw=raw)
     _seed(options)
     return _generate(model, tokenizer, [ids], options)[0]
 
@@ -298,10 +317,10 @@ class _PieceStreamer:
 
 
 def stream_text(model, tokenizer, prompt: str, options: GenerationOptions | None = None, history=None,
-                system: str | None = None) -> Iterator[str]:
+                system: str | None = None, raw: bool = False) -> Iterator[str]:
     """Yield the answer in pieces as they are generated; closing the iterator stops generation."""
     options = options or GenerationOptions()
-    ids = prompt_ids(model, tokenizer, prompt, history, system)
+    ids = prompt_ids(model, tokenizer, prompt, history, system, raw=raw)
     streamer, stop = _PieceStreamer(tokenizer), threading.Event()
 
     def work():
@@ -328,7 +347,7 @@ def stream_text(model, tokenizer, prompt: str, options: GenerationOptions | None
 
 def iter_generate(model, tokenizer, prompts: Iterable[str], options: GenerationOptions | None = None,
                   batch_size: int = 8, truncate: bool = False, window: int = 16,
-                  on_batch: Callable[[int], object] | None = None) -> Iterator[str]:
+                  on_batch: Callable[[int], object] | None = None, raw: bool = False) -> Iterator[str]:
     """Answers in input order; prompts are sorted by length within windows so batches pad little.
 
     A prompt too close to the context end for max_new_tokens is answered alone, so its shorter cap
@@ -357,7 +376,8 @@ def iter_generate(model, tokenizer, prompts: Iterable[str], options: GenerationO
 
     for number, prompt in enumerate(prompts):
         try:
-            pending.append(prompt_ids(model, tokenizer, prompt, truncate_for=options.max_new_tokens if truncate else 0))
+            pending.append(prompt_ids(model, tokenizer, prompt, truncate_for=options.max_new_tokens if truncate else 0,
+                                      raw=raw))
         except UserError as exc:
             raise UserError(f"prompt {number + 1}: {exc}") from None
         if len(pending) == batch_size * window:
@@ -368,9 +388,9 @@ def iter_generate(model, tokenizer, prompts: Iterable[str], options: GenerationO
 
 
 def generate_batch(model, tokenizer, prompts: list[str], options: GenerationOptions | None = None,
-                   batch_size: int = 8) -> list[str]:
+                   batch_size: int = 8, raw: bool = False) -> list[str]:
     """Answers to many independent prompts, batch_size at a time (left-padded for decoders)."""
-    return list(iter_generate(model, tokenizer, prompts, options, batch_size))
+    return list(iter_generate(model, tokenizer, prompts, options, batch_size, raw=raw))
 
 
 def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:

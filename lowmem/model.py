@@ -8,17 +8,11 @@ import torch
 
 from config import MODEL_PRESETS, TrainConfig
 
-from . import chunked_loss, recompute
+from . import adapters, chunked_loss, recompute
+from .attention import attention_backend
 from .errors import UserError
 
 MODEL_TYPES = ("llama", "qwen2", "t5")
-
-
-def attention_backend(disable_flash_attn: bool) -> str:
-    """flash-attn 2 when importable on CUDA and not disabled, else PyTorch SDPA."""
-    if not disable_flash_attn and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def _hf_config(cfg: TrainConfig, vocab_size: int, special_ids: dict):
@@ -52,17 +46,20 @@ def build_model(cfg: TrainConfig, tokenizer):
     """The model the run trains: loaded from finetune_from_ckp_file, else built from the preset."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    attn = attention_backend(cfg.disable_flash_attn)
+    attn = attention_backend(cfg)
+    adapters.check_lora_runtime(cfg)  # before any weight is loaded: peft missing, or QLoRA on CPU, is one line
+    dtype = adapters.base_dtype(cfg)
     if cfg.finetune_from_ckp_file:
         path = cfg.finetune_from_ckp_file
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"finetune_from_ckp_file '{path}' is not a Hugging Face model directory (no config.json); "
                             "pass a directory written by save_pretrained, e.g. model_save/<run>/final")
         hf_config = AutoConfig.from_pretrained(path)
+        _check_attention_applies(cfg, hf_config.is_encoder_decoder)
         auto = AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder else AutoModelForCausalLM
         kwargs = {} if hf_config.is_encoder_decoder else {"attn_implementation": attn}
         try:
-            model = auto.from_pretrained(path, use_safetensors=True, dtype=torch.float32, **kwargs)
+            model = auto.from_pretrained(path, use_safetensors=True, dtype=dtype, **kwargs)
         except OSError as exc:
             raise UserError(f"could not load weights from '{path}': {str(exc).splitlines()[0]} "
                             "(only safetensors weights are loaded)") from None
@@ -74,8 +71,16 @@ def build_model(cfg: TrainConfig, tokenizer):
     special_ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
     hf_config = _hf_config(cfg, len(tokenizer), special_ids)
     if cfg.model_type == "t5":
+        _check_attention_applies(cfg, True)
         return AutoModelForSeq2SeqLM.from_config(hf_config)
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn, dtype=dtype)
+
+
+def _check_attention_applies(cfg: TrainConfig, is_encoder_decoder: bool) -> None:
+    # T5 keeps its own attention (relative position bias); a silently ignored choice would mislead
+    if is_encoder_decoder and cfg.attn_implementation != "auto":
+        raise UserError(f"--attn_implementation={cfg.attn_implementation} applies to decoder models (Llama/Qwen2); "
+                        "T5 uses its own attention: drop the flag")
 
 
 def real_numel(param) -> int:
@@ -87,8 +92,8 @@ def count_parameters(model, trained_only: bool = False) -> int:
     return sum(real_numel(p) for p in model.parameters() if p.requires_grad or not trained_only)
 
 
-def apply_training_options(model, cfg: TrainConfig):
-    """Memory and speed options that change how the model runs, not what it computes."""
+def apply_training_options(model, cfg: TrainConfig, log=print):
+    """Memory and speed options that change how the model runs, not what it computes; then LoRA when asked."""
     if cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     if cfg.freeze_encoder:
@@ -113,6 +118,8 @@ def apply_training_options(model, cfg: TrainConfig):
         _apply_liger_kernel_to_instance(model=model)
     if cfg.bf16_weights:
         model.to(torch.bfloat16)
+    if adapters.uses_lora(cfg):  # after the options that patch the base model, before compile wraps the outermost
+        model = adapters.apply_lora(model, cfg, log)
     if cfg.torch_compile:
         model.compile()  # in place: parameter names stay those of the plain model
     return model

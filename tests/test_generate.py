@@ -265,7 +265,7 @@ def test_chat_over_a_pipe(dirs, llama):
     a1, a2, a3 = _expected_chat(*llama, GenerationOptions(max_new_tokens=6, greedy=True))
     stdin = "the cat\nhello\nclear\nhi there\nexit\nnot reached\n".encode()
     done = subprocess.run(_cli("chat", dirs["llama"], "--greedy", "--max_new_tokens=6", "--show_prompt"),
-                          input=stdin, capture_output=True, timeout=120, env=ENV, cwd=REPO)
+                          input=stdin, capture_output=True, timeout=1800, env=ENV, cwd=REPO)
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 0, err
     assert done.stdout.decode("utf-8") == f"{a1}\n{a2}\n{a3}\n"  # answers only: no prompt echo on a pipe
@@ -303,9 +303,127 @@ def test_chat_on_a_terminal(dirs, llama):
         text = seen.decode("utf-8", "replace").replace("\r\n", "\n")
         assert f"Assistant: {a1}\n" in text
         os.write(master, b"exit\n")
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=600) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    (cli_generate.generate, {"prompt": "hi", "tempreature": 0.5},
+     "unknown flag --tempreature for `generate`; did you mean: --temperature"),
+    (cli_generate.chat, {"max_new_token": 4},
+     "unknown flag --max_new_token for `chat`; did you mean: --max_new_tokens"),
+    (cli_generate.evaluate, {"file": "x.parquet", "generation_metric": True},
+     "unknown flag --generation_metric for `evaluate`; did you mean: --generation_metrics"),
+    (cli_generate.generate, {"prompt": "hi", "zzz": 1}, "unknown flag --zzz for `generate`; valid flags: --model_dir"),
+])
+def test_unknown_flags_are_refused_before_the_model_is_loaded(tmp_path, command, args, needle):
+    with pytest.raises(UserError) as err:
+        command(str(tmp_path / "no_such_model"), **args)  # loading it would say 'does not exist'
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["generate", "chat", "evaluate"])
+def test_help_lists_every_flag_with_a_meaning(name, capsys):
+    import inspect
+
+    from lowmem.cli import explicit_flags
+
+    command = getattr(cli_generate, name)
+    required = {flag: "unused" for flag, p in inspect.signature(command).parameters.items()
+                if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+    assert command(**required, help=True) is None  # Fire passes --help into **unknown
+    lines = capsys.readouterr().out.splitlines()
+    for flag in explicit_flags(command):
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"  --{flag} "))
+        assert "default:" in lines[row] or "required" in lines[row]
+        assert lines[row + 1].startswith("      ") and len(lines[row + 1].strip()) > 10, (flag, lines[row + 1])
+
+
+# --- a model trained on the demo data: exports that stop like we do, and raw continuation ----------------------
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory, tokenizer_dir):
+    """The tiny preset after 40 steps on the bundled demo Q&A: enough to end its answers with <|im_end|>."""
+    from conftest import run_in_process, tiny_config
+
+    from lowmem.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("demo_model")
+    write_demo_data(str(root / "data"))
+    cfg = tiny_config(root, tokenizer_dir, {"train_file": str(root / "data" / "train.parquet"), "validation_file": ""},
+                      max_steps=40, batch_size_per_gpu=32, learn_rate=3e-3, warmup_steps=5, logging_steps=10)
+    run_in_process(cfg)
+    return cfg.final_dir(), str(root / "data" / "test.parquet")
+
+
+def _printed(capsys, **flags) -> tuple[str, str]:
+    """What `generate` prints (stdout without its newline, stderr)."""
+    capsys.readouterr()
+    cli_generate.generate(**flags)
+    out, err = capsys.readouterr()
+    return out.removesuffix("\n"), err
+
+
+def test_plain_transformers_stops_at_the_end_of_turn_and_prints_what_generate_prints(demo_model, capsys):
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final, test_file = demo_model
+    tokenizer, model = AutoTokenizer.from_pretrained(final), AutoModelForCausalLM.from_pretrained(final).eval()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == stop_token_ids(tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    for row in pq.read_table(test_file).to_pylist()[:3]:
+        messages = [{"role": "user", "content": row["prompt"]}]
+        # transformers 5: a dict of input_ids and attention_mask when tensors are asked for
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                               return_tensors="pt")
+        with torch.no_grad():  # plain generate: only what the export's generation_config says
+            new = model.generate(**inputs, do_sample=False, max_new_tokens=32)[0, inputs["input_ids"].shape[1]:]
+        assert new[-1] == end_of_turn and len(new) < 32  # it stopped at the end of the turn
+        printed, notice = _printed(capsys, model_dir=final, prompt=row["prompt"], greedy=True, max_new_tokens=32)
+        assert printed == tokenizer.decode(new, skip_special_tokens=True)
+        assert notice.count("prompt format: chat template (the model was trained on prompt_response data") == 1
+
+
+def test_raw_continuation_equals_plain_transformers_on_the_raw_prompt(demo_model, capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final, _ = demo_model
+    tokenizer, model = AutoTokenizer.from_pretrained(final), AutoModelForCausalLM.from_pretrained(final).eval()
+    prompt = "What number comes after"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        new = model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:]
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    raw, notice = _printed(capsys, model_dir=final, prompt=prompt, raw=True, greedy=True, max_new_tokens=12)
+    assert raw == expected and "plain text continued" in notice
+    assert _printed(capsys, model_dir=final, prompt=prompt, template="none", greedy=True, max_new_tokens=12)[0] == raw
+    chat = _printed(capsys, model_dir=final, prompt=prompt, greedy=True, max_new_tokens=12)[0]
+    assert chat != raw  # trained on prompt/response: templated unless asked otherwise
+    pretrained = tmp_path / "pretrained"  # the same weights, as if the run had trained on text only
+    shutil.copytree(final, pretrained)
+    with open(pretrained / "train_config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    with open(pretrained / "train_config.json", "w", encoding="utf-8") as f:
+        json.dump({**config, "data_kinds": ["text"]}, f)
+    auto, notice = _printed(capsys, model_dir=str(pretrained), prompt=prompt, greedy=True, max_new_tokens=12)
+    assert auto == raw and "(the model was trained on text data" in notice
+    assert _printed(capsys, model_dir=str(pretrained), prompt=prompt, template="chat", greedy=True,
+                    max_new_tokens=12)[0] == chat
+
+
+@pytest.mark.parametrize("flags, needle", [({"raw": True, "template": "chat"}, "contradicts"),
+                                           ({"template": "jinja"}, "is not one of auto, chat, none")])
+def test_contradicting_prompt_formats_are_refused_before_loading(tmp_path, flags, needle):
+    with pytest.raises(UserError, match=needle):
+        cli_generate.generate(str(tmp_path / "no_such_model"), prompt="hi", **flags)
+
+
+def test_raw_prompts_take_no_history(llama):
+    with pytest.raises(UserError, match="takes no history"):
+        generate_text(*llama, "the cat", GREEDY, history=[("a", "b")], raw=True)
