@@ -10,8 +10,8 @@ and padding of packed multi-turn conversations.
 2. speed: real tokens/s of TrainData.epoch on one core (sched_setaffinity), prompt/response SFT data at
    seq 512 and 2048 with packing, from the tokenize-once cache (`prepare tokenize` of SFT data) and on
    the fly from the parquet.
-3. packing: real-token share of packed rows of multi-turn conversations (2-12 turns of 20-400 tokens)
-   at seq 2048, batch 8.
+3. packing: real-token share of packed rows of multi-turn conversations (2-12 turns of 20-400 tokens each,
+   uniform) at seq 2048, batch 8.
 """
 from __future__ import annotations
 
@@ -171,13 +171,18 @@ def part_packing(tokenizer_dir: str, conversations: int) -> list[list[str]]:
 
     tokenizer = load_tokenizer(tokenizer_dir)
     rng = random.Random(0)
+    probe = phrase(rng, 2000, 2000)
+    per_word = len(tokenizer(probe, add_special_tokens=False)["input_ids"]) / 2000
+
+    def turn() -> str:  # 20-400 tokens
+        words = max(1, round(rng.randint(20, 400) / per_word))
+        return phrase(rng, words, words)
+
     samples = []
     for i in range(conversations):
-        turns = rng.randint(1, 6)  # 2-12 messages
         messages = []
-        for _ in range(turns):
-            messages.append({"role": "user", "content": phrase(rng, 20, 400)})
-            messages.append({"role": "assistant", "content": phrase(rng, 20, 400)})
+        for _ in range(rng.randint(1, 6)):  # 2-12 messages
+            messages += [{"role": "user", "content": turn()}, {"role": "assistant", "content": turn()}]
         samples.append((i, {"messages": messages}))
     encoder = SampleEncoder(tokenizer, 2048)
     real = total = rows = 0

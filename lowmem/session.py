@@ -222,7 +222,7 @@ def _length(s: Session) -> str:
         epochs = cfg.max_steps / max(1, s.steps_per_epoch)
         return (f"{s.total_steps} optimizer steps (--max_steps; ~{s.steps_per_epoch} per epoch, so ~{epochs:.2g} "
                 "epochs, the data repeating as needed)")
-    return f"{s.total_steps} optimizer steps ({cfg.epochs} epochs x ~{s.steps_per_epoch})"
+    return f"{s.total_steps} optimizer steps ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x ~{s.steps_per_epoch})"
 
 
 def _summary(s: Session) -> str:

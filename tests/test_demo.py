@@ -15,6 +15,15 @@ def test_default_run_learns_held_out_questions(tmp_path):
     assert os.path.isfile(tmp_path / "model_save" / "demo_tokenizer" / "tokenizer.json")
     final = tmp_path / "model_save" / "demo" / "final"
     summary = json.loads(result.stdout.split("done: ", 1)[1].split(" | ", 1)[0])
+    # what the newcomer sees: one training bar with the last eval loss, a bar while answering, no noise
+    terminal = result.stdout + result.stderr
+    for noise in ("Traceback", "[WARNING]", "Setting accelerator", "_pytree", "Failed to load", "Writing model shards",
+                  "UserWarning", "FutureWarning"):
+        assert noise not in terminal, noise
+    bars = {line.split(":", 1)[0].strip() for line in result.stderr.replace("\r", "\n").splitlines() if "%|" in line}
+    assert bars == {"train", "answering the test questions"}, bars
+    assert "eval=" in result.stderr and "eval_loss" in result.stdout
+    assert "optimizer steps (1 epoch x ~" in result.stdout
 
     import torch
 

@@ -83,10 +83,24 @@ def token_file(tmp_path, tokenizer_dir) -> str:
     return str(tmp_path / "tokens.bin")
 
 
-@pytest.mark.parametrize("kind", ["parquet", "tokens", "records_packed"])
-def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, tokenizer_dir):
+def shard_folder(tmp_path, qa_files) -> str:
+    """The training rows as 5 parquet shards in a folder, plus an empty one."""
+    from test_data_sources import rows_of, write_shards
+
+    return write_shards(tmp_path / "shards", rows_of(qa_files["train_file"]), 5)
+
+
+@pytest.mark.parametrize("kind", ["shards_mixture", "tokens", "records_packed"])
+def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, tokenizer_dir, qa_files):
     extra = {}
-    if kind == "tokens":
+    if kind == "shards_mixture":  # a folder of shards mixed with another file; two validation sets
+        from conftest import write_qa_parquet
+
+        other = write_qa_parquet(tmp_path / "other.parquet", 60, seed=9)
+        extra = {"train_file": f"{shard_folder(tmp_path, qa_files)}:0.7,{other}:0.3", "eval_steps": 10,
+                 "report_to": "tensorboard",
+                 "validation_file": f"{qa_files['validation_file']}:1,{write_qa_parquet(tmp_path / 'v2.parquet', 16)}:1"}
+    elif kind == "tokens":
         extra = {"train_file": token_file(tmp_path, tokenizer_dir), "max_seq_len": 32}
     elif kind == "records_packed":
         from test_sft import write_user_records
@@ -110,6 +124,19 @@ def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, toke
     trace_a = {r["step"]: r["samples"] for r in read_jsonl(os.path.join(reference.logging_dir(), "samples_rank0.jsonl"))}
     trace_b = {r["step"]: r["samples"] for r in read_jsonl(os.path.join(killed.logging_dir(), "samples_rank0.jsonl"))}
     assert trace_a == trace_b
+    if kind == "shards_mixture":
+        records = read_jsonl(os.path.join(killed.logging_dir(), "metrics.jsonl"))
+        evals = [r for r in records if "eval_loss" in r]
+        assert evals and all({"eval_loss/valid", "eval_loss/v2"} <= r.keys() for r in evals)
+        final = [r for r in records if "loss" in r][-1]
+        seen = final["data_seen_shards"] + final["data_seen_other"]
+        assert seen == 2 * 300  # two epochs of the mixture (240 + 60 rows each), each sample counted once
+        assert final["data_seen_other"] / seen == pytest.approx(0.3, abs=0.01)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(reference.logging_dir())
+        events.Reload()
+        assert {"eval_loss/valid", "eval_loss/v2", "eval_loss", "data_seen_shards"} <= set(events.Tags()["scalars"])
 
 
 def test_sigterm_checkpoints_at_once_and_resumes_twice(run_cfgs):
@@ -130,17 +157,18 @@ def test_sigterm_checkpoints_at_once_and_resumes_twice(run_cfgs):
     assert_same_run(reference, cfg, after_step=0)
 
 
-def start_resumed(cfg):
+def start_resumed(cfg, launcher=None):
     import dataclasses
 
-    return start(dataclasses.replace(cfg, is_keep_training=True))
+    return start(dataclasses.replace(cfg, is_keep_training=True), launcher=launcher)
 
 
-def test_two_process_sigterm_on_one_worker_resumes_exactly(run_cfgs):
-    reference = run_cfgs("a", epochs=1, batch_size_per_gpu=4)
+def test_two_processes_on_shards_survive_sigterm_on_one_worker_then_sigkill(run_cfgs, tmp_path, qa_files):
+    shards = {"train_file": shard_folder(tmp_path, qa_files)}
+    reference = run_cfgs("a", epochs=1, batch_size_per_gpu=4, **shards)
     ref = cli(["train", *flags(reference)], launcher=two_processes())
     assert ref.returncode == 0, ref.stderr[-3000:]
-    cfg = run_cfgs("b", epochs=1, batch_size_per_gpu=4, save_steps=1000)
+    cfg = run_cfgs("b", epochs=1, batch_size_per_gpu=4, save_steps=4, **shards)
     proc = start(cfg, launcher=two_processes())
     wait_for_step(cfg, proc, 12)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train_low_mem.py" in " ".join(p.cmdline())]
@@ -148,6 +176,10 @@ def test_two_process_sigterm_on_one_worker_resumes_exactly(run_cfgs):
     workers[-1].send_signal(signal.SIGTERM)  # one process only: all stop together
     out, _ = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out[-3000:]
+    proc = start_resumed(cfg, launcher=two_processes())
+    wait_for_step(cfg, proc, 22)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, launcher and workers, mid-epoch
+    proc.wait()
     resume(cfg, launcher=two_processes())
     assert_same_run(reference, cfg, after_step=0)
     for rank in (0, 1):

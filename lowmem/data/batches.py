@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..template import IGNORE_INDEX
 
 ENCODE_GROUP = 64  # samples per batched tokenizer call
+CHUNK_TOKENS = 1 << 21  # packing looks at least this many tokens at once: long conversations need small ones beside them
 
 
 @dataclass
@@ -124,20 +125,22 @@ def batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int,
 
 
 def pack_rows(encoded: list, max_len: int) -> list[list]:
-    """First-fit decreasing: longest samples first, each into the first row with room for it."""
+    """Best-fit decreasing: longest samples first, each into the fullest row that still has room for it."""
+    import bisect
+
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
     rows: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted by room
     for i in order:
         n = len(encoded[i].input_ids)
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(i)
-                room[r] -= n
-                break
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
         else:
             rows.append([i])
-            room.append(max_len - n)
+            bisect.insort(free, (max_len - n, len(rows) - 1))
     return [[encoded[i] for i in sorted(row)] for row in rows]
 
 
@@ -175,12 +178,12 @@ def collate_packed(rows: list[list], pad_id: int, position: int, skip: int, trac
 
 def packed_batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int, max_len: int,
                         trace: bool = False, chunk_rows: int = 32) -> Iterator[Batch]:
-    """Pack chunks of samples (about chunk_rows batches' worth of tokens) into full rows.
+    """Pack chunks of samples (chunk_rows batches' worth of tokens, at least CHUNK_TOKENS) into full rows.
 
     A chunk yields several batches; each records the chunk's start and how many of its batches are
     done, so a resume rebuilds the same chunk and drops those. The chunk's counters ride on its last batch.
     """
-    budget = batch_size * max_len * chunk_rows
+    budget = max(batch_size * max_len * chunk_rows, CHUNK_TOKENS)
     pending: list[tuple[int, object]] = []
     counts: Counter = Counter()
     tokens, chunk_start, position = 0, None, -1

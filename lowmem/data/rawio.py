@@ -86,16 +86,11 @@ def file_format(path: str) -> str:
 
 def open_parquet(path: str):
     """A pyarrow ParquetFile; anything that is not a readable parquet file is a UserError."""
-    import pyarrow.parquet as pq
+    from .tables import open_parquet as open_checked
 
     if file_format(path) != "parquet":
         raise UserError(f"'{path}' is not a .parquet file; convert it first with `train_low_mem.py prepare convert`")
-    try:
-        return pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-parquet or truncated files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"'{path}' is not a readable parquet file ({reason}); recreate it or convert the source "
-                        "again with `train_low_mem.py prepare convert`") from None
+    return open_checked(path, "the --input path")
 
 
 def string_columns(schema: pa.Schema) -> list[str]:

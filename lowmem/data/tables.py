@@ -61,12 +61,12 @@ class Unit:
     end: int = 0
 
 
-def open_parquet(path: str):
-    """A pyarrow ParquetFile; a missing or unreadable file is a UserError naming it."""
+def open_parquet(path: str, flags: str = "--train_file/--validation_file"):
+    """The one parquet opener of the project: a missing or unreadable file is a UserError naming it."""
     import pyarrow.parquet as pq
 
     if not os.path.isfile(path):
-        raise UserError(f"data file '{path}' does not exist; check --train_file/--validation_file")
+        raise UserError(f"data file '{path}' does not exist; check {flags}")
     try:
         return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-parquet or truncated files

@@ -164,13 +164,10 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for files that are not parquet
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"'{path}' is not a readable parquet file ({reason}); recreate it") from None
+    from .tables import open_parquet
+
+    pf = open_parquet(path)
     names = pf.schema_arrow.names
     for required in ("user_id", "target"):
         if required not in names:
