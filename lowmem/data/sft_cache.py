@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
-from collections import deque
 
 import numpy as np
 
 from ..errors import UserError
+from .stream import close_all
 from .tables import epoch_windows, window_order
+from .token_file import _read_index, _write_index, in_order_pool
 
 FORMAT_VERSION = 1
 ROW = np.dtype([("start", "<i8"), ("length", "<i4"), ("status", "<i4")])
@@ -51,15 +51,6 @@ def template_hash(tokenizer) -> str:
 def cache_files(prefix: str) -> dict[str, str]:
     return {"index": prefix + ".json", "ids": prefix + ".ids.bin", "labels": prefix + ".labels.bin",
             "rows": prefix + ".rows.bin"}
-
-
-def _write_index(path: str, index: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- building
@@ -102,30 +93,8 @@ def _encode_unit(u: int) -> tuple[list, list, list]:
 
 
 def _results(units: list[int], workers: int, table_args, encoder_args):
-    """(unit, encoded) in unit order; at most 2 units per worker in flight to bound memory."""
-    if workers <= 1:
-        _init_worker(table_args, encoder_args)
-        for u in units:
-            yield u, _encode_unit(u)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")  # forking a running tokenizer thread pool can deadlock
-    with ProcessPoolExecutor(workers, context, _init_worker, (table_args, encoder_args)) as pool:
-        pending: deque = deque()
-        try:
-            for u in units:
-                pending.append((u, pool.submit(_encode_unit, u)))
-                if len(pending) >= 2 * workers:
-                    u0, future = pending.popleft()
-                    yield u0, future.result()
-            while pending:
-                u0, future = pending.popleft()
-                yield u0, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+    """(unit, encoded) in unit order."""
+    return in_order_pool(((u, u) for u in units), _encode_unit, workers, _init_worker, (table_args, encoder_args))
 
 
 def build_sft_cache(input: str, output_prefix: str, tokenizer_dir: str, max_seq_len: int,
@@ -163,7 +132,7 @@ def build_sft_cache(input: str, output_prefix: str, tokenizer_dir: str, max_seq_
                 "source_bytes": [st.st_size for st in stats], "source_mtime_ns": [st.st_mtime_ns for st in stats],
                 "units": [[u.shard, u.part, u.rows, u.start, u.end] for u in table.units]}
     progress = {"units_done": 0, "n_rows": 0, "n_tokens": 0, "status_codes": ["ok"], "counts": {}}
-    old = _read(files["index"]) or {}
+    old = _read_index(files["index"]) or {}
     itemsize = np.dtype(dtype).itemsize
     resumable = all(old.get(k) == v for k, v in settings.items()) and all(k in old for k in progress)
     if resumable and old.get("complete") is True:
@@ -215,15 +184,6 @@ def build_sft_cache(input: str, output_prefix: str, tokenizer_dir: str, max_seq_
     return index
 
 
-def _read(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return index if isinstance(index, dict) else None
-
-
 # ---------------------------------------------------------------- reading
 
 class CachedSamples:
@@ -233,7 +193,7 @@ class CachedSamples:
         from .token_file import split_prefix
 
         self.files = cache_files(split_prefix(index_path))
-        index = _read(self.files["index"])
+        index = _read_index(self.files["index"])
         fix = "rebuild it with `train_low_mem.py prepare tokenize` (the same command resumes an interrupted one)"
         if index is None or index.get("kind") != "sft_cache" or index.get("format_version") != FORMAT_VERSION:
             raise UserError(f"'{self.files['index']}' is not a tokenize-once cache of this version; {fix}")
@@ -301,8 +261,4 @@ class CachedSamples:
         return sample
 
     def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(getattr(self, "_fds", {}))

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import UserError
 from .tables import epoch_rng
 
-__all__ = ["Shard", "TokenWindows", "epoch_rng", "iter_shard"]
+__all__ = ["Shard", "TokenWindows", "close_all", "epoch_rng", "iter_shard"]
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,13 @@ class TokenWindows:
         return self._fds[f]
 
     def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all(getattr(self, "_fds", {}))
+
+
+def close_all(fds: dict) -> None:
+    """Close the file descriptors a reader kept open (at garbage collection: errors are of no use there)."""
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -111,13 +111,13 @@ def _encode_chunk(task) -> np.ndarray:
     return flat.astype(DTYPES[dtype_name])
 
 
-def _encoded(tasks, num_workers: int, tokenizer_dir: str):
-    """(meta, tokens) per task in input order; at most 2 tasks per worker in flight to bound memory."""
-    global _ENCODER
+def in_order_pool(tasks, work, num_workers: int, initializer, initargs: tuple, local_initializer=None):
+    """(meta, work(task)) per (meta, task) in input order, on `num_workers` spawned processes (1: this one,
+    set up by local_initializer); at most 2 tasks per worker in flight, so memory stays bounded."""
     if num_workers <= 1:
-        _ENCODER = _load_encoder(tokenizer_dir)
+        (local_initializer or initializer)(*initargs)
         for meta, task in tasks:
-            yield meta, _encode_chunk(task)
+            yield meta, work(task)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -126,11 +126,11 @@ def _encoded(tasks, num_workers: int, tokenizer_dir: str):
     # spawn: forking a process whose tokenizers thread pool is already running can deadlock.
     # An executor, unlike multiprocessing.Pool, fails instead of hanging when a worker dies.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(num_workers, context, _init_worker, (tokenizer_dir,)) as pool:
+    with ProcessPoolExecutor(num_workers, context, initializer, initargs) as pool:
         pending: deque = deque()
         try:
             for meta, task in tasks:
-                pending.append((meta, pool.submit(_encode_chunk, task)))
+                pending.append((meta, pool.submit(work, task)))
                 if len(pending) >= 2 * num_workers:
                     meta, future = pending.popleft()
                     yield meta, future.result()
@@ -143,6 +143,16 @@ def _encoded(tasks, num_workers: int, tokenizer_dir: str):
         finally:
             for _, future in pending:  # an error or Ctrl-C: do not wait for queued chunks
                 future.cancel()
+
+
+def _encoded(tasks, num_workers: int, tokenizer_dir: str):
+    """(meta, tokens) per task in input order."""
+    return in_order_pool(tasks, _encode_chunk, num_workers, _init_worker, (tokenizer_dir,), _init_in_this_process)
+
+
+def _init_in_this_process(tokenizer_dir: str) -> None:
+    global _ENCODER
+    _ENCODER = _load_encoder(tokenizer_dir)
 
 
 def _tasks(input: str, text_column: str, chunk_rows: int, strict: bool, start_row: int, static: tuple):
