@@ -38,6 +38,11 @@ def _run(s: Session) -> dict:
     cfg, acc, state, world = s.cfg, s.accelerator, s.state, s.accelerator.num_processes
     if s.resumed_step is not None and not _more_to_train(cfg, state):
         length = f"--max_steps={cfg.max_steps}" if cfg.max_steps else f"--epochs={cfg.epochs}"
+        exported = any(os.path.isfile(os.path.join(cfg.final_dir(), n)) for n in ("config.json", "adapter_config.json"))
+        if not exported:  # stopped between its last step and the export
+            s.log(f"run '{cfg.run_name}' finished training at step {state.step} ({length}) but has no final model: "
+                  "exporting it now")
+            return _finish(s, stopped_early=False)
         s.log(f"run '{cfg.run_name}' already finished: it is at step {state.step}, epoch {state.epoch} ({length}), so "
               "nothing was trained or exported; raise --max_steps (or --epochs) to train further")
         acc.end_training()
