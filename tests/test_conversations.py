@@ -8,45 +8,60 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO, run_in_process, tiny_config
 
-ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "sheep": "baa", "owl": "hoot",
-           "frog": "ribbit", "bee": "buzz", "lion": "roar", "mouse": "squeak"}
-GREETINGS = ["Hi", "Hello", "Hey", "Good day", "Welcome", "Greetings"]
-UNSEEN_GREETINGS = ["Howdy", "Yo"]  # held-out conversations differ from every training one
+KEYS = {"cat": "狗", "dog": "山", "sun": "水", "moon": "花", "tree": "river", "猫": "stone"}  # first turn -> answer
+FILLER = list(KEYS.values())  # filler words are answers too, so only the key decides
 
 
-def conversation(rng: random.Random, greeting: str) -> list[dict]:
-    animal = rng.choice(list(ANIMALS))
-    return [{"role": "user", "content": f"{greeting}! Today you are a {animal}."},
-            {"role": "assistant", "content": "OK."},
-            {"role": "user", "content": "What do you say?"},
-            {"role": "assistant", "content": ANIMALS[animal]}]
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A BPE where every word and role name is one token, so a conversation is about 25 tokens."""
+    from lowmem.tokenizer import train_bpe_tokenizer
+
+    words = list(KEYS) + FILLER + ["user", "assistant", "ok", "what"]
+    path = str(tmp_path_factory.mktemp("conv_tok") / "tokenizer")
+    train_bpe_tokenizer([" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 9)) for i in range(600)],
+                        400, path)
+    return path
+
+
+def conversation(rng: random.Random) -> list[dict]:
+    key = rng.choice(list(KEYS))
+    filler = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 3)))
+    return [{"role": "user", "content": f"{filler} {key}"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "what"}, {"role": "assistant", "content": KEYS[key]}]
 
 
 def chat_answers(model_dir: str, conversations: list[list[dict]]) -> list[str]:
     """The second answer of each conversation, asked turn by turn through `train_low_mem.py chat` over a pipe."""
     lines = [line for c in conversations for line in (c[0]["content"], c[2]["content"], "clear")]
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_low_mem.py"), "chat", model_dir, "--greedy=True",
-                             "--max_new_tokens=8"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                             "--max_new_tokens=6"], input="\n".join(lines) + "\n", capture_output=True, text=True,
                             timeout=1800, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.splitlines()[1::2]
 
 
-def test_a_model_trained_on_conversations_answers_from_the_earlier_turn(tmp_path, tokenizer_dir):
+def test_a_model_trained_on_conversations_answers_from_the_earlier_turn(tmp_path, word_tokenizer):
     rng = random.Random(0)
+    held_out = [conversation(rng) for _ in range(30)]
+    unseen = {c[0]["content"] for c in held_out}
     data = tmp_path / "chats.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for _ in range(2000):
-            f.write(json.dumps({"messages": conversation(rng, rng.choice(GREETINGS))}) + "\n")
-    held_out = [conversation(rng, rng.choice(UNSEEN_GREETINGS)) for _ in range(30)]
-    cfg = tiny_config(tmp_path, tokenizer_dir, {"train_file": str(data), "validation_file": ""}, max_steps=250,
-                      warmup_steps=10, batch_size_per_gpu=16, learn_rate=5e-3, max_seq_len=96, packing=True,
+        written = 0
+        while written < 2000:
+            c = conversation(rng)
+            if c[0]["content"] not in unseen:  # no held-out first turn is ever trained on
+                f.write(json.dumps({"messages": c}, ensure_ascii=False) + "\n")
+                written += 1
+    cfg = tiny_config(tmp_path, word_tokenizer, {"train_file": str(data), "validation_file": ""}, max_steps=150,
+                      warmup_steps=10, batch_size_per_gpu=16, learn_rate=2e-3, max_seq_len=64, packing=True,
                       logging_steps=50)
     summary = run_in_process(cfg)
-    assert summary["step"] == 250
+    assert summary["step"] == 150
     untrained_dir = str(tmp_path / "untrained")
     from transformers import AutoTokenizer
 
@@ -60,5 +75,5 @@ def test_a_model_trained_on_conversations_answers_from_the_earlier_turn(tmp_path
     trained = chat_answers(cfg.final_dir(), held_out)
     untrained = chat_answers(untrained_dir, held_out)
     right = sum(a.strip() == e for a, e in zip(trained, expected))
-    assert right >= 10, list(zip(trained, expected))  # by chance (one sound for all): 3 of 30
+    assert right >= 20, list(zip(trained, expected))  # one answer for all would get about 5 of 30
     assert right > sum(a.strip() == e for a, e in zip(untrained, expected))
