@@ -88,7 +88,7 @@ def resolve_config(kwargs: dict) -> TrainConfig:
                 cls = TRAIN_PRESETS[base]
         else:
             raise UserError(f"--config '{name}' is neither a preset nor a .json/.yaml file; presets: "
-                            f"{', '.join(TRAIN_PRESETS)} (closest: {closest(name, TRAIN_PRESETS).replace('--', '')})")
+                            f"{', '.join(TRAIN_PRESETS)}; {closest(name, TRAIN_PRESETS, prefix='')}")
     cfg = build(cls, file_values, source=f"'{config_arg}'") if file_values else cls()
     cfg = build(type(cfg), {**dataclasses.asdict(cfg), **kwargs})
     check_config(cfg)

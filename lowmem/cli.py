@@ -36,9 +36,10 @@ def field_types(cls) -> dict[str, typing.Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def closest(name: str, valid: typing.Iterable[str]) -> str:
+def closest(name: str, valid: typing.Iterable[str], prefix: str = "--") -> str:
+    """'did you mean: --a, --b' for the near names, else a pointer to --help."""
     matches = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
-    return ", ".join(f"--{m}" for m in matches) if matches else "see --help for the list"
+    return f"did you mean: {', '.join(prefix + m for m in matches)}" if matches else "see --help for the list"
 
 
 def type_name(type_) -> str:
@@ -167,7 +168,7 @@ def build(cls, values: dict, source: str = "flag"):
         name = canonical_name(raw_name, types)
         if name not in types:
             where = f"unknown {source} --{raw_name}" if source == "flag" else f"unknown field '{raw_name}' in {source}"
-            raise UserError(f"{where}; did you mean: {closest(name, types)}")
+            raise UserError(f"{where}; {closest(name, types)}")
         converted[name] = convert(name, value, types[name])
     return cls(**converted)
 

@@ -222,6 +222,8 @@ def test_prepare_tool_help_and_unknown_tools_and_commands(monkeypatch, capsys):
     (["show_config", "--adam_beta1=1.5"], "--adam_beta1=1.5 must be in [0, 1)"),
     (["show_config", "--learn_rate=1e-3", "--lr=1e-4"], "--learn_rate is given twice"),
     (["generate", "missing_model", "--promt=hi"], "unknown flag --promt for `generate`; did you mean: --prompt"),
+    (["show_config", "--zzz=1"], "unknown flag --zzz; see --help for the list"),
+    (["show_config", "--config=smal"], "presets: default, pretrain_large, sft, sft_small; did you mean: sft_small"),
 ])
 def test_each_kind_of_flag_error_exits_2_with_one_line(tmp_path, args, needle):
     result = cli(args, cwd=str(tmp_path))

@@ -47,7 +47,8 @@ def test_auto_batch_size_needs_cuda_on_cpu(tmp_path, tokenizer_dir, qa_files):
 
 CPU_OPTIONS = [("adamw", False), ("adafactor", False)]
 if HAS_TORCHAO:
-    CPU_OPTIONS += [("adamw_8bit", False), ("adamw_8bit", True), ("adamw_4bit", False)]
+    # 8-bit with bf16 weights (the 7B recipe) saves and loads the same state as with fp32 weights
+    CPU_OPTIONS += [("adamw_8bit", True), ("adamw_4bit", False)]
 
 
 @pytest.mark.parametrize("optimizer, bf16_weights", CPU_OPTIONS)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -98,9 +99,9 @@ def test_one_owner_per_run(tmp_path, tokenizer_dir, qa_files):
                       warmup_steps=0, batch_size_per_gpu=2)
     first = start(cfg)
     wait_for_step(cfg, first, 2)
-    second = cli(["train", *flags(cfg)])
+    with ThreadPoolExecutor(2) as pool:  # a fresh start and a resume, both while the first one trains
+        second, also_resumed = pool.map(cli, [["train", *flags(cfg)], resume_flags(cfg)])
     assert second.returncode == 2 and "is already running" in second.stderr, second.stderr[-2000:]
-    also_resumed = cli(resume_flags(cfg))
     assert also_resumed.returncode == 2 and "is already running" in also_resumed.stderr
     os.killpg(first.pid, signal.SIGKILL)  # the lock stays behind, stale
     first.wait()
