@@ -139,6 +139,7 @@ def test_users_command_shape_runs_as_written(tmp_path, tokenizer_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(out / "sft" / "final" / "model.safetensors")
     assert "samples per user" in result.stdout or "per user" in result.stdout
+    assert "optimizer steps (3 epochs x ~" in result.stdout  # --max_epochs is the run length the summary states
 
 
 @pytest.mark.parametrize("flag, needle", [("--ablation_config=profile_and_mood", "ablation_config"),
