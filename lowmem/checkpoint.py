@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import is_peft_model, load_adapter, save_adapter, save_lora_export
+from .adapters import ADAPTER_CONFIG, is_peft_model, load_adapter, save_adapter, save_lora_export
 from .checkpoint_files import (BEST, PREFIX, TMP_PREFIX, DiskFull, check_free_space, checkpoint_bytes, is_disk_full,
                                list_checkpoints, read_train_state, rng_state, set_rng_state, verify, write_manifest)
 from .checkpoint_sharded import check_layout, load_sharded, save_sharded_optimizer, sharded_kind
@@ -327,6 +327,11 @@ def load_best_into(accelerator, root: str, model, ema_model=None) -> str | None:
         with torch.no_grad():
             _load_into(target, folder)
     return best
+
+
+def has_export(path: str) -> bool:
+    """Whether `path` holds a finished export: a model (config.json) or an adapter directory."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", ADAPTER_CONFIG))
 
 
 def export_final(accelerator, model, tokenizer, config: dict, path: str) -> None:

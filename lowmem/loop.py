@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from config import TrainConfig
 
-from .checkpoint import export_final, load_best_into
+from .checkpoint import export_final, has_export, load_best_into
 from .data.batches import Batch, dummy_batch
 from .errors import UserError
 from .metrics import flops_per_token, gpu_memory_gb, host_rss_gb
@@ -38,8 +38,7 @@ def _run(s: Session) -> dict:
     cfg, acc, state, world = s.cfg, s.accelerator, s.state, s.accelerator.num_processes
     if s.resumed_step is not None and not _more_to_train(cfg, state):
         length = f"--max_steps={cfg.max_steps}" if cfg.max_steps else f"--epochs={cfg.epochs}"
-        exported = any(os.path.isfile(os.path.join(cfg.final_dir(), n)) for n in ("config.json", "adapter_config.json"))
-        if not exported:  # stopped between its last step and the export
+        if not has_export(cfg.final_dir()):  # stopped between its last step and the export
             s.log(f"run '{cfg.run_name}' finished training at step {state.step} ({length}) but has no final model: "
                   "exporting it now")
             return _finish(s, stopped_early=False)

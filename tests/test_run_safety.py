@@ -299,3 +299,22 @@ def test_slurm_requeue_cycle_resumes_exactly(tmp_path, tokenizer_dir, qa_files):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "resumed from" in again.stdout and (tmp_path / "requeued").read_text().split() == ["4242"]
     assert losses(cfg) == losses(reference)  # bitwise, dropout included
+
+
+def test_resuming_a_finished_run_says_so_and_exports_only_when_the_export_is_missing(tmp_path, tokenizer_dir, qa_files,
+                                                                                      capsys):
+    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=4, save_steps=2, validation_file="")
+    run_in_process(cfg)
+    again = dataclasses.replace(cfg, is_keep_training=True)
+    before = tree_digest(cfg.run_dir())
+    capsys.readouterr()
+    assert run_in_process(again)["already_finished"]
+    assert "already finished: it is at step 4" in capsys.readouterr().out
+    assert tree_digest(cfg.run_dir()) == before  # nothing trained, saved or exported again
+    shutil.rmtree(cfg.final_dir())  # as a kill between the last step and the export leaves it
+    summary = run_in_process(again)
+    assert summary["step"] == 4 and os.path.isfile(os.path.join(cfg.final_dir(), "model.safetensors"))
+    out = capsys.readouterr().out
+    assert "finished training at step 4 (--max_steps=4) but has no final model: exporting it now" in out
+    logged = read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl"))
+    assert sorted(r["step"] for r in logged if "loss" in r) == [1, 2, 3, 4]  # no step trained twice
