@@ -20,8 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from config import TRAIN_PRESETS, TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT, TrainConfigSFTSmall  # noqa: E402
-from lowmem.cli import (HELP_FLAGS, LAUNCHER_FLAGS, build, check_repeated_flags, closest,  # noqa: E402
-                        import_deepspeed_quietly, import_models_quietly, load_config_file, wants_help)
+from lowmem.cli import (HELP_FLAGS, LAUNCHER_FLAGS, build, check_no_positionals, check_repeated_flags,  # noqa: E402
+                        closest, import_deepspeed_quietly, import_models_quietly, load_config_file, wants_help)
 from lowmem.distributed import asks_for_deepspeed  # noqa: E402
 from lowmem.errors import UserError  # noqa: E402
 from lowmem.validate import check_config  # noqa: E402
@@ -203,6 +203,8 @@ def run_command_line(args: list[str]) -> int:
         return 0
     _check_command(args)
     check_repeated_flags(args[1:], aliases=args[0] in CONFIG_COMMANDS)
+    if args[0] in CONFIG_COMMANDS:
+        check_no_positionals(args[0], args[1:])
     if wants_help(args[1:]) or args == ["prepare"]:
         print(command_help(args[0], args[1:]))
         return 0

@@ -57,17 +57,29 @@ def _trained_once(cfg, tokenizer):
     return accelerator, model, optimizer, scheduler
 
 
+class _StepOnly:
+    """A train state that holds the step alone (the bench times the weights and optimizer state)."""
+
+    step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "config": {}}
+
+
 def measure(cfg, tokenizer, repeats: int, root: str) -> dict:
-    from lowmem.checkpoint import CheckpointManager
-    from lowmem.checkpoint_files import checkpoint_bytes
-    from lowmem.model import count_parameters
+    from lowmem.checkpoint import CheckpointManager, RunParts, weights_format
+    from lowmem.checkpoint.files import checkpoint_bytes
+    from lowmem.sizes import count_parameters
 
     accelerator, model, optimizer, scheduler = _trained_once(cfg, tokenizer)
-    manager = CheckpointManager(accelerator, root, keep_latest=repeats)
+    state = _StepOnly()
+    parts = RunParts(model, optimizer, scheduler, tokenizer, state)
+    manager = CheckpointManager(accelerator, root, repeats, parts, weights_format(cfg.lora_r > 0))
     seconds, path = [], ""
     for step in range(1, repeats + 1):
+        state.step = step
         start = time.perf_counter()
-        path = manager.save(step, model, optimizer, scheduler, tokenizer, {"step": step, "config": {}})
+        path = manager.save(step)
         seconds.append(time.perf_counter() - start)
     unwrapped = accelerator.unwrap_model(model)
     return {"parameters": count_parameters(unwrapped), "trained": count_parameters(unwrapped, trained_only=True),

@@ -269,7 +269,7 @@ def first_batch_child(mode: str, path: str, tokenizer_dir: str) -> dict:
     import pandas as pd  # both modes import both readers, so the baseline is the same
     import pyarrow.parquet  # noqa: F401
 
-    from config import TrainConfig
+    from lowmem.data.options import DataOptions
     from lowmem.data.sources import open_dataset, parse_data_arg
     from lowmem.data.stream import Shard, iter_shard
     if mode == "pandas_object":  # the pandas < 3.0 default: Python str objects in object columns
@@ -282,7 +282,7 @@ def first_batch_child(mode: str, path: str, tokenizer_dir: str) -> dict:
         samples = enumerate({"prompt": p, "response": r} for p, r in zip(head["prompt"], head["response"]))
         dtype = str(frame["prompt"].dtype)
     else:
-        settings = TrainConfig(train_file=path, validation_file="", dataloader_buffer_size=10000, seed=42)
+        settings = DataOptions(buffer_size=10000, seed=42)
         rows = open_dataset(parse_data_arg(path, "train_file")[0], settings, tokenizer).source
         samples = iter_shard(rows, 0, Shard())
         dtype = "arrow window -> Python rows"
@@ -311,16 +311,17 @@ def _hwm_mib() -> float:
 
 def data_pass_child(path: str, tokenizer_dir: str, n_batches: int) -> dict:
     """The training loop's data path alone (TrainData.epoch: source -> SampleEncoder -> batches -> Prefetcher)."""
-    from config import TrainConfig
+    from lowmem.data.options import DataOptions
     from lowmem.data.pipeline import TrainData
+    from lowmem.data.sources import parse_inputs
     from lowmem.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    cfg = TrainConfig(train_file=path, validation_file="", test_file="", tokenizer_dir=tokenizer_dir,
-                      max_seq_len=128, batch_size_per_gpu=32, dataloader_buffer_size=10000)
+    options = DataOptions(max_seq_len=128, batch_size=32, buffer_size=10000)
     baseline = _status_mib()
     start = time.perf_counter()
-    data = TrainData(cfg, tokenizer, False, 0, 1, pin_memory=False)
+    data = TrainData(parse_inputs(path, [], "", [], held_out_split=False), options, tokenizer, False, 0, 1,
+                     pin_memory=False)
     from lowmem.data.stream import Shard
 
     batches = data.epoch(0, Shard(), 0)

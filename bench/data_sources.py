@@ -91,8 +91,9 @@ def _status() -> dict:
 
 
 def child_pass(train_file: str, tokenizer_dir: str, batches: int, seq: int, packing: bool, one_core: bool) -> dict:
-    from config import TrainConfig
+    from lowmem.data.options import DataOptions
     from lowmem.data.pipeline import TrainData
+    from lowmem.data.sources import parse_inputs
     from lowmem.data.stream import Shard
     from lowmem.tokenizer import load_tokenizer
 
@@ -102,11 +103,11 @@ def child_pass(train_file: str, tokenizer_dir: str, batches: int, seq: int, pack
 
         torch.set_num_threads(1)
     tokenizer = load_tokenizer(tokenizer_dir)
-    cfg = TrainConfig(train_file=train_file, validation_file="", test_file="", tokenizer_dir=tokenizer_dir,
-                      max_seq_len=seq, batch_size_per_gpu=32 if not packing else 8, packing=packing,
-                      dataloader_buffer_size=10000, prefetch_batches=8)
+    options = DataOptions(max_seq_len=seq, batch_size=32 if not packing else 8, packing=packing, buffer_size=10000,
+                          prefetch_batches=8)
+    inputs = parse_inputs(train_file, [], "", [], held_out_split=False)
     before = _status()
-    data = TrainData(cfg, tokenizer, False, 0, 1, pin_memory=False, log=lambda _: None)
+    data = TrainData(inputs, options, tokenizer, False, 0, 1, pin_memory=False, log=lambda _: None)
     stream = data.epoch(0, Shard(), 0)
     first = next(stream)
     start, real, n = time.perf_counter(), 0, 0
@@ -149,7 +150,7 @@ def part_rss(workdir: str, tokenizer_dir: str, rows: int, batches: int) -> list[
 
 
 def part_speed(workdir: str, tokenizer_dir: str, rows: int, batches: int) -> list[list[str]]:
-    from lowmem.data.sft_cache import build_sft_cache
+    from lowmem.data.sft_cache_build import build_sft_cache
 
     source = write_parquet(os.path.join(workdir, f"sft_{rows}.parquet"), rows, seed=3, lo=20, hi=300)
     results = []

@@ -272,8 +272,8 @@ def run_sft_encoding(args, work: str, seconds: float, log) -> tuple[list[dict], 
 def run_loaders(args, work: str, seconds: float, log) -> tuple[list[dict], str, list[str]]:
     from data_memory import human, make_parquet, make_token_file, make_tokenizer, table, tokenizer_ids
 
-    from config import TrainConfig
     from lowmem.data.encoding import SampleEncoder
+    from lowmem.data.options import DataOptions
     from lowmem.data.sources import open_dataset, parse_data_arg
     from lowmem.data.stream import TokenWindows
     from lowmem.tokenizer import load_tokenizer
@@ -293,7 +293,7 @@ def run_loaders(args, work: str, seconds: float, log) -> tuple[list[dict], str, 
         encoder = SampleEncoder(tokenizer, seq, source="bench")
 
         def parquet_source(path: str):  # the training data path's reader: window-shuffled row groups
-            settings = TrainConfig(train_file=path, validation_file="", dataloader_buffer_size=10000, seed=42)
+            settings = DataOptions(buffer_size=10000, seed=42)
             return open_dataset(parse_data_arg(path, "train_file")[0], settings, tokenizer).source
 
         sources = [("parquet prompt/response (short rows)", lambda: parquet_source(short)),

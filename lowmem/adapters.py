@@ -1,20 +1,16 @@
-"""LoRA and QLoRA adapters through peft: building them, their checkpoint files, the export, loading them back.
+"""LoRA and QLoRA adapters through peft: the checks, the peft model, its trained weights and the merge math.
 
 With --lora_r > 0 the run trains a peft model: the base is frozen (bf16 when the run computes in bf16, 4-bit
-NF4 from torchao with --qlora) and only the adapters, plus --lora_modules_to_save, are trained. Checkpoints
-hold those trained weights only, in peft's adapter format (adapter_config.json + adapter_model.safetensors),
-so a checkpoint's model/ also loads with `PeftModel.from_pretrained`. The final export merges the adapters
-into the base weights (a plain transformers directory) or, with --merge_lora=False, writes the adapter
-directory. Merging works on a state dict, never in place: it serves the EMA copy (which shares the frozen
-base with the trained model) and sharded runs (whose state dict is gathered) alike.
+NF4 from torchao with --qlora) and only the adapters, plus --lora_modules_to_save, are trained. How their
+weights are written into checkpoints and exports is lowmem/checkpoint/weights.py's job (AdapterWeights).
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import importlib.util
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -22,7 +18,7 @@ import torch
 
 from .errors import UserError
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base"  # an adapter export of a base built from a preset carries the base here
 PEFT_HINT = "pip install 'peft>=0.17,<1' (requirements.txt)"
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # elements per NF4 scale; scales per double-quantised scale (QLoRA's sizes)
@@ -208,28 +204,74 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the peft model
 
+ROUTER_GATES = ("gate", "shared_expert_gate")  # MoE routing gates (leaf names): never adapted by LoRA
+EXPERTS = "experts"  # what --lora_target_modules names to adapt the fused MoE experts
+
+
+def lora_targets(model, cfg) -> tuple[list[str], list[str]]:
+    """(leaf names of the linear layers to adapt, fused expert parameters to adapt), from --lora_target_modules or,
+    when it is empty, every linear layer of the blocks and every expert, never a router gate or lm_head."""
+    from .moe import fused_expert_parameters, moe_shape
+
+    experts = sorted({f"{_leaf(module)}.{param}" for module, param, _ in fused_expert_parameters(model)})
+    routed = moe_shape(model.config) is not None
+    chosen = list(cfg.lora_target_modules)
+    if not chosen:
+        return [n for n in default_target_modules(model) if not (routed and n in ROUTER_GATES)], experts
+    if EXPERTS in chosen and not experts:
+        raise UserError(f"--lora_target_modules names {EXPERTS}, but {type(model).__name__} has no fused expert "
+                        "weights; name its linear layers instead")
+    linear = [name for name in chosen if name != EXPERTS]
+    if routed and set(linear) & set(ROUTER_GATES):
+        raise UserError("--lora_target_modules names a router gate, which LoRA never adapts (a low-rank change of the "
+                        "routing would move every token's experts); train it in full with --lora_train_router=True")
+    return linear, experts if EXPERTS in chosen else []
+
+
+def router_modules(model) -> list[str]:
+    """Module-name suffixes of the routing gates, as --lora_train_router trains them in full ('mlp.gate')."""
+    found = set()
+    for name, module in model.named_modules():
+        leaf = _leaf(name)
+        if leaf in ROUTER_GATES and "." in name and (leaf != "gate" or "Router" in type(module).__name__
+                                                    or isinstance(module, torch.nn.Linear)):
+            found.add(".".join(name.split(".")[-2:]))
+    return sorted(found)
+
+
 def apply_lora(model, cfg, log=print):
-    """The peft model this run trains: LoRA on the target modules of the frozen (QLoRA: NF4) base."""
+    """The peft model this run trains: LoRA on the target modules (and MoE experts) of the frozen (QLoRA: NF4) base."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = list(cfg.lora_target_modules) or default_target_modules(model)
+    from .moe import fused_expert_parameters, moe_shape
+
+    targets, expert_params = lora_targets(model, cfg)
     _check_names(model, targets, "lora_target_modules", (torch.nn.Linear,))
     _check_names(model, list(cfg.lora_modules_to_save), "lora_modules_to_save", (torch.nn.Module,))
     if ties_embeddings(model) and set(targets) & set(embedding_names(model)):
         raise UserError("--lora_target_modules names the output layer, whose weight this model shares with the input "
                         "embedding; train both with --lora_modules_to_save=embed_tokens,lm_head instead")
     saved = modules_to_save(model, cfg, log)
+    if cfg.lora_train_router:
+        if moe_shape(model.config) is None:
+            raise UserError("--lora_train_router=True applies to mixture-of-experts models; this one has no router")
+        saved += [name for name in router_modules(model) if name not in saved]
+    dropout = cfg.lora_dropout
+    if expert_params and dropout:  # peft's LoRA on a parameter has no input to drop out
+        log(f"LoRA on the fused experts takes no dropout: --lora_dropout={dropout} is 0 in this run")
+        dropout = 0.0
     if cfg.qlora:
         # the base was built on the host: each weight goes to the GPU the run trains on as NF4
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         log(f"QLoRA: {quantize_to_nf4(model, device)} linear layers of the base hold 4-bit NF4 weights on {device}")
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                        modules_to_save=saved or None,
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=dropout, target_modules=targets,
+                        target_parameters=expert_params or None, modules_to_save=saved or None,
                         ensure_weight_tying=ties_embeddings(model) and bool(set(saved) & set(embedding_names(model))),
                         task_type=TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM,
                         base_model_name_or_path=os.path.abspath(cfg.finetune_from_ckp_file)
                         if cfg.finetune_from_ckp_file else None)
+    total = sum(p.numel() for p in model.parameters())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks the deprecated name
         peft_model = get_peft_model(model, config)
@@ -237,9 +279,18 @@ def apply_lora(model, cfg, log=print):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # trained copies (modules_to_save) keep fp32 weights, as the adapters do
     if cfg.qlora:  # every process quantised the same weights; DDP must not broadcast or reduce them
+        from .compat import ddp_ignore_parameters
+
         nf4 = nf4_type()
-        peft_model._ddp_params_and_buffers_to_ignore = [name for name, p in peft_model.named_parameters()
-                                                        if isinstance(p, nf4)]
+        ddp_ignore_parameters(peft_model, [name for name, p in peft_model.named_parameters() if isinstance(p, nf4)])
+    trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    on = ",".join(name.removesuffix("_proj") for name in targets)
+    if expert_params:
+        fused = fused_expert_parameters(model)
+        layers = len({module for module, _, _ in fused})
+        on += f" + {fused[0][2]} experts x {layers} layers ({', '.join(p.split('.')[-1] for p in expert_params)})"
+    extra = f"; trained in full: {', '.join(saved)}" if saved else ""
+    log(f"LoRA r={cfg.lora_r} on {on or 'nothing'}{extra}: {trained / max(total, 1):.2%} of the parameters train")
     return peft_model
 
 
@@ -248,7 +299,7 @@ def is_peft_model(model) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-# ---------------------------------------------------------------- adapter files (checkpoints, export)
+# ---------------------------------------------------------------- the trained weights (checkpoint/weights.py writes them)
 
 def adapter_weights(model, state_dict: dict | None = None) -> dict:
     """The trained weights under the names peft's files use (the adapter name left out)."""
@@ -257,7 +308,7 @@ def adapter_weights(model, state_dict: dict | None = None) -> dict:
     return get_peft_model_state_dict(model, state_dict=state_dict, save_embedding_layers=False)
 
 
-def _unshared(weights: dict) -> dict:
+def unshared(weights: dict) -> dict:
     """Each tensor on its own storage and contiguous on the CPU: safetensors stores a shared one (tied copies) once."""
     seen, out = set(), {}
     for name, tensor in weights.items():
@@ -269,41 +320,8 @@ def _unshared(weights: dict) -> dict:
     return out
 
 
-def save_adapter(model, folder: str, state_dict: dict | None = None, base_path: str | None = "") -> None:
-    """adapter_config.json + adapter_model.safetensors, what `PeftModel.from_pretrained` loads on the base.
-
-    base_path: what adapter_config.json names as the base; "" keeps the one set when LoRA was applied.
-    """
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    save_file(_unshared(adapter_weights(model, state_dict)), os.path.join(folder, ADAPTER_WEIGHTS),
-              metadata={"format": "pt"})
-    config = copy.deepcopy(model.peft_config["default"])
-    if base_path != "":
-        config.base_model_name_or_path = base_path
-    config.inference_mode = True
-    config.save_pretrained(folder)
-
-
 def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(str(path), ADAPTER_CONFIG))
-
-
-def load_adapter(model, folder: str) -> None:
-    """The adapter weights of `folder` into the peft model; ValueError when they do not belong to it."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
-    expected = set(adapter_weights(model))
-    if set(weights) != expected:
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(f"the adapter weights in {folder} do not match the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns about the frozen base weights a file of adapters leaves out
-        set_peft_model_state_dict(model, weights)
 
 
 def under_module_names(model, weights: dict) -> dict:
@@ -321,63 +339,56 @@ def under_module_names(model, weights: dict) -> dict:
 
 # ---------------------------------------------------------------- merging and the export
 
-def lora_scalings(model) -> dict[str, float]:
-    """alpha / r of every adapted layer, by the layer's name in the peft model."""
-    from peft.tuners.lora import Linear, LoraLayer
+def lora_merges(model) -> dict[str, tuple[str, float, str]]:
+    """Every adapted layer of the peft model by its name: (the base weight's name, alpha / r, layout), where layout
+    is "linear" (W += s B A) or, for fused MoE experts, "e o i" / "e i o" (how W's expert dimensions lie)."""
+    from peft.tuners.lora import Linear, LoraLayer, ParamWrapper
 
-    scalings = {}
+    from .compat import peft_experts_out_first
+
+    merges = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            if not isinstance(module, Linear):
-                raise UserError(f"merging LoRA on {type(module).__name__} ('{name}') is not supported; put LoRA on "
-                                "linear layers only")
-            scalings[name] = module.scaling["default"]
-    return scalings
+        if not isinstance(module, LoraLayer):
+            continue
+        scaling = module.scaling["default"]
+        if isinstance(module, ParamWrapper):
+            layout = "e o i" if peft_experts_out_first(module) else "e i o"
+            merges[name] = (f"{_without_base_layers(name)}.{module.parameter_name}", scaling, layout)
+        elif isinstance(module, Linear):
+            merges[name] = (f"{name}.weight", scaling, "linear")
+        else:
+            raise UserError(f"merging LoRA on {type(module).__name__} ('{name}') is not supported; put LoRA on "
+                            "linear layers and experts only")
+    return merges
 
 
-def base_state_dict(state_dict: dict, scalings: dict[str, float] | None = None) -> dict:
-    """The base model's own state dict from a LoRA model's: W + scaling * B @ A for each adapted layer when
-    `scalings` is given (else the adapters are left out), trained modules_to_save copies in place of the
-    originals, NF4 weights dequantised."""
+def _without_base_layers(name: str) -> str:
+    """A peft name without its wrappers' `.base_layer` steps (nested when two weights of a module are adapted)."""
+    return re.sub(r"(\.base_layer)+(?=\.|$)", "", name)
+
+
+def base_state_dict(state_dict: dict, merges: dict[str, tuple[str, float, str]] | None = None) -> dict:
+    """The base model's own state dict from a LoRA model's: each adapted weight plus its low-rank update when
+    `merges` is given (else the adapters are left out), trained modules_to_save copies in place of the originals,
+    NF4 weights dequantised."""
     out = {}
     for key, value in state_dict.items():
         if ".lora_" in key or ".original_module." in key:
             continue
-        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        name = _without_base_layers(key.removeprefix(_PEFT_PREFIX)).replace(".modules_to_save.default.", ".")
         out[name] = _dense(value)
-    for layer, scaling in (scalings or {}).items():
-        a, b = state_dict[f"{layer}.lora_A.default.weight"], state_dict[f"{layer}.lora_B.default.weight"]
-        name = layer.removeprefix(_PEFT_PREFIX) + ".weight"
-        out[name] = (out[name].float() + scaling * (b.float() @ a.float())).to(out[name].dtype)
+    for layer, (weight_name, scaling, layout) in (merges or {}).items():
+        a, b = state_dict[f"{layer}.lora_A.default.weight"].float(), state_dict[f"{layer}.lora_B.default.weight"].float()
+        name = weight_name.removeprefix(_PEFT_PREFIX)
+        weight = out[name]
+        if layout == "linear":
+            delta = b @ a
+        else:  # A is (E*r, in) expert-major, B is (out, r*E) rank-major: expert e's update is B_e @ A_e
+            experts = weight.shape[0]
+            delta = torch.einsum("ore,eri->e" + layout.split()[1] + layout.split()[2],
+                                 b.reshape(b.shape[0], -1, experts), a.reshape(experts, -1, a.shape[-1]))
+        out[name] = (weight.float() + scaling * delta).to(weight.dtype)
     return out
-
-
-def _save_base(base, folder: str, weights: dict) -> None:
-    """save_pretrained of the base model class with these weights; tied copies are left to from_pretrained."""
-    for tied in getattr(base, "all_tied_weights_keys", None) or {}:
-        weights.pop(tied, None)
-    base.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-
-
-def save_lora_export(accelerator, model, folder: str, final_path: str, merge: bool) -> None:
-    """The final model of a LoRA run (every process calls this: the state dict is gathered).
-
-    merge: the adapters merged into the base, a plain transformers directory (bf16 for QLoRA). Else the
-    adapter directory; a base built from a preset is saved beside it in base/, as nothing else holds it.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return
-    peft_model = accelerator.unwrap_model(model)
-    base = peft_model.get_base_model()
-    if merge:
-        _save_base(base, folder, base_state_dict(state_dict, lora_scalings(peft_model)))
-        return
-    base_path = ""
-    if not peft_model.peft_config["default"].base_model_name_or_path:
-        _save_base(base, os.path.join(folder, BASE_DIR), base_state_dict(state_dict))
-        base_path = os.path.abspath(os.path.join(final_path, BASE_DIR))
-    save_adapter(peft_model, folder, state_dict, base_path)
 
 
 # ---------------------------------------------------------------- inference on an adapter directory

@@ -9,11 +9,10 @@ Llama and Qwen2 models (the shapes whose head is a plain linear layer).
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 
+from .compat import replace_forward
 from .errors import UserError
 
 IGNORE = -100
@@ -93,5 +92,5 @@ def enable(model, rows: int | None = None):
         items = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum()
         return CausalLMOutputWithPast(loss=total / items)
 
-    model.forward = types.MethodType(forward, model)
+    replace_forward(model, forward)
     return model

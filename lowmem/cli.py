@@ -207,6 +207,30 @@ def check_repeated_flags(args: typing.Sequence[str], aliases: bool = True) -> No
             raise UserError(f"--{name} is given {times} ({', '.join(given)}); pass it once")
 
 
+def check_no_positionals(command: str, args: typing.Sequence[str]) -> None:
+    """A UserError for a word that is neither a --flag nor the value of the --flag before it: Fire would hand it to
+    the command's result after the whole run (a train that trained and exported, then failed)."""
+    expects_value = False
+    for word in args:
+        if word == "--":
+            break
+        if word.startswith("-") and not _is_number(word):
+            expects_value = word.startswith("--") and "=" not in word and word not in HELP_FLAGS
+            continue
+        if not expects_value:
+            raise UserError(f"`{command}` takes only --flag=value arguments; '{word}' is not one (a value needs its "
+                            f"flag: --name={word})")
+        expects_value = False
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
+
+
 def wants_help(args: typing.Sequence[str]) -> bool:
     return any(word in HELP_FLAGS for word in args)
 

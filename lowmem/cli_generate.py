@@ -150,6 +150,16 @@ def _max_seq_len(value, model_dir, model, use_ema) -> int:
     return value
 
 
+def prompt_text(prompt) -> str:
+    """The text of --prompt; an empty one is refused, as blank lines of a batch file are."""
+    if isinstance(prompt, bool):  # Fire gives True for a bare `--prompt`
+        raise UserError("--prompt needs the text to answer, e.g. --prompt='What is 1 + 2?'")
+    text = convert("prompt", prompt, str)
+    if not text.strip():
+        raise UserError("--prompt is empty; pass the text to answer, e.g. --prompt='What is 1 + 2?'")
+    return text
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts of a batch file: prompts.txt (one a line, blank lines skipped) or parquet/jsonl with `prompt`."""
     from .evaluate import iter_rows
@@ -189,6 +199,7 @@ def generate(model_dir, prompt=None, batch_file=None, output=None, stream=False,
     check_prompt_format(template, raw)  # before the model is loaded
     if (prompt is None) == (batch_file is None):
         raise UserError("pass exactly one of --prompt='...' and --batch_file=prompts.txt")
+    prompt = None if prompt is None else prompt_text(prompt)
     prompts = read_prompts(batch_file) if batch_file is not None else None
     model, tokenizer = _load(model_dir, use_ema, trust_pickle, device, dtype)
     raw, why = use_raw_prompts(template, raw, read_train_config(model_dir, convert("use_ema", use_ema, bool)),
@@ -198,7 +209,7 @@ def generate(model_dir, prompt=None, batch_file=None, output=None, stream=False,
         output = str(output) if output else os.path.splitext(str(batch_file))[0] + ".generated.jsonl"
         _generate_file(model, tokenizer, prompts, options, batch_size, output, raw)
         return None
-    prompt, system = str(prompt), None if system is None else str(system)
+    system = None if system is None else convert("system", system, str)
     if convert("stream", stream, bool):
         pieces = []
         for piece in stream_text(model, tokenizer, prompt, options, system=system, raw=raw):

@@ -198,8 +198,7 @@ class PrepareCommands:
         conversations) -> a tokenize-once cache for `train --train_file=<output_prefix>`. Rerun to resume."""
         if _stop_for_flags(self.tokenize, unknown):
             return
-        from config import TrainConfig
-
+        from .data.options import Columns, DataOptions
         from .data.sources import open_dataset, parse_data_arg
 
         input = _text("input", input)
@@ -208,8 +207,8 @@ class PrepareCommands:
                    "text_column": _text("text_column", text_column),
                    "messages_column": _text("messages_column", messages_column)}
         specs = parse_data_arg(input, "input")
-        kind = open_dataset(specs[0], TrainConfig(train_file=input, validation_file="", **columns), None,
-                            shuffle=False, flag="input", log=lambda _: None).kind if len(specs) == 1 else "mixture"
+        kind = open_dataset(specs[0], DataOptions(columns=Columns(**columns)), None, shuffle=False, flag="input",
+                            log=lambda _: None).kind if len(specs) == 1 else "mixture"
         if kind == "text":
             from .data.token_file import tokenize_to_bin
 
@@ -221,7 +220,7 @@ class PrepareCommands:
             raise UserError(f"--input '{input}' holds {kind.replace('_', '/')} data: a tokenize-once SFT cache needs "
                             "--max_seq_len (the training run's), since truncation is decided when tokenizing")
         from .data.encoding import TRAIN_ON
-        from .data.sft_cache import build_sft_cache
+        from .data.sft_cache_build import build_sft_cache
 
         train_on = _text("train_on", train_on)
         if train_on not in TRAIN_ON:

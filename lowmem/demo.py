@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 from .tokenizer import train_bpe_tokenizer
 
@@ -62,21 +63,32 @@ def write_demo_data(directory: str = DEMO_DIR) -> None:
     import pyarrow.parquet as pq
 
     os.makedirs(directory, exist_ok=True)
-    for split, rows in generate_rows().items():
+    splits = generate_rows()
+    for split in ("valid", "test", "train"):  # train last: its presence tells other processes the rest is there
+        rows = splits[split]
         table = pa.table({"prompt": [p for p, _ in rows], "response": [r for _, r in rows]})
-        tmp = os.path.join(directory, f".{split}.parquet.tmp")
+        tmp = os.path.join(directory, f".{split}.parquet.tmp{os.getpid()}")
         pq.write_table(table, tmp, row_group_size=2000)
         os.replace(tmp, os.path.join(directory, f"{split}.parquet"))
 
 
 def ensure_demo_assets(train_file: str, tokenizer_dir: str) -> list[str]:
-    """Create the demo data and tokenizer when the config points at them and they are missing."""
+    """Create the demo data and tokenizer when the config points at them and they are missing.
+
+    Every file appears whole or not at all (written aside, then renamed), so the processes of a launch may all
+    call this at once: the content is the same whoever writes it.
+    """
     made = []
     if os.path.normpath(train_file) == os.path.normpath(DEMO_FILES["train"]) and not os.path.isfile(train_file):
         write_demo_data(os.path.dirname(train_file))
         made.append(f"demo data in {os.path.dirname(train_file)}")
     if os.path.normpath(tokenizer_dir) == os.path.normpath(DEMO_TOKENIZER) and not os.path.isdir(tokenizer_dir):
         rows = generate_rows()["train"]
-        train_bpe_tokenizer((f"{p}\n{r}" for p, r in rows), DEMO_VOCAB_SIZE, tokenizer_dir)
-        made.append(f"demo tokenizer in {tokenizer_dir}")
+        aside = f"{tokenizer_dir}.tmp{os.getpid()}"
+        train_bpe_tokenizer((f"{p}\n{r}" for p, r in rows), DEMO_VOCAB_SIZE, aside)
+        try:
+            os.rename(aside, tokenizer_dir)
+            made.append(f"demo tokenizer in {tokenizer_dir}")
+        except OSError:  # another process of the launch was first
+            shutil.rmtree(aside, ignore_errors=True)
     return made

@@ -340,9 +340,9 @@ def _cpu_deepspeed() -> None:
     where no compiler is installed) the first time it starts on CPU; gloo alone does the job here.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed.ops
+    from .compat import disable_deepspeed_shm_allreduce
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # probed once per process, then cached
+    disable_deepspeed_shm_allreduce()
 
 
 def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):

@@ -1,5 +1,6 @@
-"""Flag documentation from config.py's comments: the README table (`python -m lowmem.docs --update-readme`)
-and `train --help`."""
+"""Flag documentation from config.py: each field's meaning as declared with `setting` (lowmem/fields.py) and the
+`# --- section ---` comment it stands under; the README table (`python -m lowmem.docs --update-readme`) and
+`train --help`."""
 from __future__ import annotations
 
 import ast
@@ -13,6 +14,7 @@ import tokenize
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import TrainConfig  # noqa: E402
+from lowmem.fields import rules  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_PY = os.path.join(ROOT, "config.py")
@@ -29,57 +31,52 @@ def _class_tokens(path: str, class_name: str):
             yield tok
 
 
-def _field_docs(path: str, class_name: str) -> dict[str, tuple[str, str]]:
-    """name -> (section, trailing comment) for each `name: type = value` line of the class."""
-    docs, current, section = {}, None, ""
+def field_sections(path: str = CONFIG_PY, class_name: str = "TrainConfig") -> dict[str, str]:
+    """The `# --- section ---` each field of the class is written under ('' before the first)."""
+    sections, section = {}, ""
     for tok in _class_tokens(path, class_name):
         if tok.type == tokenize.COMMENT and tok.start[1] == 4 and SECTION.match(tok.string):
             section = SECTION.match(tok.string).group(1)
-        elif tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
-            current = tok.string
-            docs.setdefault(current, (section, ""))
-        elif tok.type == tokenize.COMMENT and current and not docs[current][1]:
-            docs[current] = (docs[current][0], tok.string.lstrip("# ").strip())
-        elif tok.type == tokenize.NEWLINE:
-            current = None
-    return docs
+        elif tok.type == tokenize.NAME and tok.start[1] == 4:
+            sections.setdefault(tok.string, section)
+    return sections
 
 
-def field_comments(path: str = CONFIG_PY, class_name: str = "TrainConfig") -> dict[str, str]:
-    """The trailing `# comment` of each `name: type = value` line in the class."""
-    return {name: comment for name, (_, comment) in _field_docs(path, class_name).items() if comment}
+ON_RESUME = {"refused": "refused", "data": "refused unless --allow_config_change", "applied": "applied, logged",
+             "free": "free"}
 
 
-def field_sections(path: str = CONFIG_PY, class_name: str = "TrainConfig") -> dict[str, str]:
-    """The `# --- section ---` each field of the class is written under ('' before the first)."""
-    return {name: section for name, (section, _) in _field_docs(path, class_name).items()}
+def _constraint(meta: dict) -> str:
+    """The field's range and resume rule, as --help and the README table show them."""
+    allowed = meta.get("range")
+    parts = [allowed.describe()] if allowed is not None else []
+    return "; ".join(parts + [f"on resume: {ON_RESUME.get(meta.get('resume'), '?')}"])
 
 
 def flag_table() -> str:
-    comments = field_comments(CONFIG_PY)
-    defaults = TrainConfig()
-    lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    meta, defaults = rules(TrainConfig), TrainConfig()
+    lines = ["| flag | default | meaning | allowed, on resume |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(TrainConfig):
-        value = getattr(defaults, f.name)
-        meaning = comments.get(f.name, "").replace("|", "\\|")
-        lines.append(f"| `--{f.name}` | `{value!r}` | {meaning} |")
+        meaning = meta[f.name].get("help", "").replace("|", "\\|")
+        lines.append(f"| `--{f.name}` | `{getattr(defaults, f.name)!r}` | {meaning} | {_constraint(meta[f.name])} |")
     return "\n".join(lines)
 
 
 def flag_help(cls=TrainConfig) -> str:
-    """Every field of `cls` as a flag with its type, default and meaning, grouped by config.py's sections."""
+    """Every field of `cls` as a flag with its type, default, meaning, range and resume rule, by config.py's sections."""
     from .cli import field_types, type_name
 
-    comments, sections = field_comments(CONFIG_PY), field_sections(CONFIG_PY)
+    meta, sections = rules(cls), field_sections(CONFIG_PY)
     types, defaults = field_types(cls), cls()
     lines, section = [], None
     for f in dataclasses.fields(cls):
         if sections.get(f.name, "") != section:
             section = sections.get(f.name, "")
             lines.append(f"\n{section or 'other'}:")
-        lines.append(f"  --{f.name:<30} {type_name(types[f.name])}, default: {getattr(defaults, f.name)!r}")
-        if comments.get(f.name):
-            lines.append(f"      {comments[f.name]}")
+        lines.append(f"  --{f.name:<30} {type_name(types[f.name])}, default: {getattr(defaults, f.name)!r} "
+                     f"({_constraint(meta[f.name])})")
+        if meta[f.name].get("help"):
+            lines.append(f"      {meta[f.name]['help']}")
     return "\n".join(lines).lstrip("\n")
 
 

@@ -50,15 +50,14 @@ def token_file_path(path: str) -> str | None:
 
 def open_file(path: str, max_seq_len: int = 512, tokenizer=None, is_encoder_decoder: bool = False):
     """One data file (or dir, glob, list) through the data registry, in file order: a sources.Dataset."""
-    from config import TrainConfig
-
+    from .data.options import DataOptions
     from .data.sources import open_dataset, parse_data_arg
 
     specs = parse_data_arg(path, "file")
     if len(specs) != 1:
         raise UserError(f"'{path}' names a weighted mixture; evaluate one dataset at a time")
-    settings = TrainConfig(train_file=path, validation_file="", test_file="", max_seq_len=max_seq_len)
-    return open_dataset(specs[0], settings, tokenizer, is_encoder_decoder, shuffle=False, flag="file", log=lambda _: None)
+    return open_dataset(specs[0], DataOptions(max_seq_len=max_seq_len), tokenizer, is_encoder_decoder, shuffle=False,
+                        flag="file", log=lambda _: None)
 
 
 def iter_rows(path: str, columns: Iterable[str] | None = None, tokenizer=None) -> Iterator[dict]:
@@ -82,8 +81,8 @@ _KIND_KEYS = {"prompt_response": {"prompt", "response"}, "records": {"prompt", "
 
 # ---------------------------------------------------------------- loss and perplexity
 
-def _samples(path: str, max_seq_len: int, tokenizer=None, is_encoder_decoder: bool = False) -> Iterator[dict]:
-    dataset = open_file(path, max_seq_len, tokenizer, is_encoder_decoder)
+def _samples(dataset, max_seq_len: int) -> Iterator[dict]:
+    """The samples of an opened dataset in file order."""
     if dataset.kind == "tokens":  # every token is scored: windows in file order, the shorter last one too
         for file in dataset.source.files:
             tokens = file.tokens
@@ -127,6 +126,10 @@ def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int
     def run(pending: list) -> None:
         nonlocal total, tokens
         batch = collate(pending, pad_id, enc_dec, position=0)
+        largest = max(int(batch.tensors[k].max()) for k in ("input_ids", "labels"))
+        if largest >= vocab_size:  # the embedding would fail with an IndexError deep inside the model
+            raise UserError(f"'{file}' gives token id {largest}, but the model's vocabulary has {vocab_size} entries; "
+                            "evaluate with the tokenizer the model was trained with")
         tensors = {k: v.to(device) for k, v in batch.tensors.items()}
         total += float(summed_loss(model, tensors, enc_dec).double())
         tokens += batch.label_tokens
@@ -134,9 +137,13 @@ def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int
     if enc_dec and token_file_path(file) is not None:
         raise UserError(f"'{file}' is a packed token file, which only decoder models read; evaluate T5 on a "
                         "prompt/response file")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    dataset = open_file(file, max_seq_len, tokenizer, enc_dec)
+    if hasattr(dataset.source, "check_ids"):  # token files: refused before scoring, as training refuses them
+        dataset.source.check_ids(vocab_size)
     pending: list = []
     with eval_mode(model), torch.no_grad():
-        for position, sample in enumerate(_samples(file, max_seq_len, tokenizer, enc_dec)):
+        for position, sample in enumerate(_samples(dataset, max_seq_len)):
             if max_examples and position >= max_examples:
                 break
             if "_skip" in sample:

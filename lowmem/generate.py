@@ -9,9 +9,12 @@ trusts a pickle file.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import queue
+import re
+import shlex
 import sys
 import threading
 from dataclasses import dataclass
@@ -114,9 +117,30 @@ def load_for_inference(model_dir: str, device=None, dtype=None, use_ema: bool = 
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(path, use_safetensors=has_safe, dtype=resolve_dtype(dtype, device))
     except Exception as exc:  # transformers reports a bad dir or weights file with many exception types
+        if trust_pickle and "Weights only load failed" in str(exc):
+            raise UserError(pickle_refused(path, str(exc))) from None
         raise UserError(f"could not load the model in '{path}': {str(exc).splitlines()[0] if str(exc) else exc!r}; "
                         "it must be a directory written by save_pretrained") from None
     return model.to(device).eval(), tokenizer
+
+
+def pickle_conversion(path: str) -> str:
+    """A shell command that rewrites a trusted pickle checkpoint in `path` as model.safetensors, once."""
+    code = ("import glob, torch, transformers as t; "
+            f"d = {json.dumps(path)}; c = t.AutoConfig.from_pretrained(d); s = {{}}; "
+            '[s.update(torch.load(f, weights_only=False)) for f in sorted(glob.glob(d + "/pytorch_model*.bin"))]; '
+            "getattr(t, c.architectures[0]).from_pretrained(None, config=c, "
+            "state_dict={k: v for k, v in s.items() if torch.is_tensor(v)}).save_pretrained(d)")
+    return f"python -c {shlex.quote(code)}"
+
+
+def pickle_refused(path: str, error: str) -> str:
+    """Why a trusted pickle checkpoint did not load, and what works instead (torch's own advice names no flag here)."""
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| \(|\.?\n|$)", error)
+    what = found.group(1).strip() if found else "objects other than tensors"
+    return (f"'{path}' holds pickle weights that transformers reads only through torch's safe loader, even with "
+            f"--trust_pickle=True, and that loader refuses them ({what}); if you trust the file, convert it once to "
+            f"model.safetensors with: {pickle_conversion(path)}")
 
 
 # ---------------------------------------------------------------- options
@@ -398,11 +422,3 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int =
     options = GenerationOptions(max_new_tokens=max_new_tokens, greedy=True)
     return list(iter_generate(model, tokenizer, prompts, options, batch_size=max(1, len(prompts)), truncate=True))
 
-
-def __getattr__(name: str):
-    # the chat REPL lives with the other terminal commands; it stays importable from here
-    if name == "chat_loop":
-        from .cli_generate import chat_loop
-
-        return chat_loop
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,8 @@
 """Estimated memory of a training run per process: weights, gradients, optimizer states, activations.
 
+Weights, gradients and optimizer states count every parameter (a mixture of experts holds all its experts);
+activations count what a token computes with (k experts' MLP width).
+
 The activation figure is a per-token count of what a Llama-shaped decoder block keeps for backward
 under mixed precision (bf16 matmul outputs, an fp32 residual stream and fp32 norm internals), plus the
 logits and their fp32 loss copies; bench/checkpointing.py compares it with measured memory.
@@ -16,7 +19,10 @@ def activation_bytes_per_token(hf_config, cfg: TrainConfig, mixed_precision: str
     """Bytes of activations kept for backward per token of a micro-batch; None for shapes not modelled (T5)."""
     if getattr(hf_config, "is_encoder_decoder", False) or not hasattr(hf_config, "intermediate_size"):
         return None
-    h, inter, layers = hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_hidden_layers
+    from .moe import mlp_width
+
+    hf_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    h, inter, layers = hf_config.hidden_size, mlp_width(hf_config), hf_config.num_hidden_layers  # MoE: k experts
     kv = h * hf_config.num_key_value_heads // hf_config.num_attention_heads
     half = mixed_precision in ("bf16", "fp16") or cfg.bf16_weights
     a = 2 if half else 4  # matmul outputs
@@ -54,13 +60,12 @@ def activation_bytes(hf_config, cfg: TrainConfig, mixed_precision: str, tokens: 
 def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
                 offload_optimizer: bool = False) -> str:
     """One line: estimated GiB per process of weights, gradients, optimizer states and activations."""
-    from .model import count_parameters
+    from .sizes import count_parameters, parameter_bytes
 
-    n, trained = count_parameters(model), count_parameters(model, trained_only=True)
-    weight_bytes = 2 if cfg.bf16_weights else 4
+    trained = count_parameters(model, trained_only=True)
     shard = lambda stage: world if zero_stage >= stage else 1  # noqa: E731 - ZeRO stage k shards the first k items
-    weights = n * weight_bytes / shard(3)
-    grads = trained * weight_bytes / shard(2)
+    weights = parameter_bytes(model) / shard(3)  # in their own dtypes: a LoRA base in bf16, NF4 at half a byte
+    grads = parameter_bytes(model, trained_only=True) / shard(2)
     states = 0.0 if offload_optimizer else trained * STATE_BYTES.get(cfg.optimizer, 8) / shard(1)
     activations = activation_bytes(model.config, cfg, mixed_precision, cfg.batch_size_per_gpu * cfg.max_seq_len)
     recompute = (f"checkpointing {cfg.gradient_checkpointing_mode}"

@@ -50,7 +50,7 @@ def build_model(cfg: TrainConfig, tokenizer):
     adapters.check_lora_runtime(cfg)  # before any weight is loaded: peft missing, or QLoRA on CPU, is one line
     dtype = adapters.base_dtype(cfg)
     if cfg.finetune_from_ckp_file:
-        path = cfg.finetune_from_ckp_file
+        path = os.path.abspath(cfg.finetune_from_ckp_file)  # peft records it as the adapters' base
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"finetune_from_ckp_file '{path}' is not a Hugging Face model directory (no config.json); "
                             "pass a directory written by save_pretrained, e.g. model_save/<run>/final")
@@ -83,15 +83,6 @@ def _check_attention_applies(cfg: TrainConfig, is_encoder_decoder: bool) -> None
                         "T5 uses its own attention: drop the flag")
 
 
-def real_numel(param) -> int:
-    """Elements of a parameter; under ZeRO-3 the tensor is an empty placeholder and ds_numel its real size."""
-    return getattr(param, "ds_numel", param.numel())
-
-
-def count_parameters(model, trained_only: bool = False) -> int:
-    return sum(real_numel(p) for p in model.parameters() if p.requires_grad or not trained_only)
-
-
 def apply_training_options(model, cfg: TrainConfig, log=print):
     """Memory and speed options that change how the model runs, not what it computes; then LoRA when asked."""
     if cfg.freeze_embeddings:
@@ -113,9 +104,9 @@ def apply_training_options(model, cfg: TrainConfig, log=print):
                             "cross-entropy); each alone is as fast as the other on an H100 (bench/RESULTS.md): pick one")
         if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
             raise UserError("use_liger_kernel=True needs a CUDA GPU and `pip install liger-kernel`; drop the flag on CPU")
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from .compat import apply_liger_kernels
 
-        _apply_liger_kernel_to_instance(model=model)
+        apply_liger_kernels(model)
     if cfg.bf16_weights:
         model.to(torch.bfloat16)
     if adapters.uses_lora(cfg):  # after the options that patch the base model, before compile wraps the outermost

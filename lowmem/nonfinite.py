@@ -20,10 +20,11 @@ class TrainingHalted(UserError):
 
 class NonfiniteGuard:
     def __init__(self, optimizer, enabled: bool, max_in_a_row: int, state, checkpoint_dir: str,
-                 device, has_ema: bool):
+                 device, has_ema: bool, log=print):
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
         fused = isinstance(inner, torch.optim.AdamW) and bool(inner.defaults.get("fused"))
         self.enabled, self.max_in_a_row, self.state, self.checkpoint_dir = enabled, max_in_a_row, state, checkpoint_dir
+        self.log, self.announced = log, False
         # EMA would still average a skipped step in: that path decides on the host
         self.optimizer = inner if enabled and fused and not has_ema else None
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
@@ -49,12 +50,12 @@ class NonfiniteGuard:
             return True
         state = self.state
         if math.isfinite(float(grad_norm)):  # the host path's one sync per step
-            state.nonfinite_steps = 0
+            state.finite_step()
             return True
-        state.nonfinite_steps += 1
-        state.nonfinite_total += 1
-        metrics.log({"nonfinite_steps": state.nonfinite_steps, "grad_norm": float(grad_norm)}, state.step + 1)
-        self._halt_if(state.nonfinite_steps, state.step + 1)
+        in_a_row = state.nonfinite_step()
+        metrics.log({"nonfinite_steps": in_a_row, "grad_norm": float(grad_norm)}, state.step + 1)
+        self._announce(state.step + 1, 1)
+        self._halt_if(in_a_row, state.step + 1)
         return False
 
     def settle(self, metrics) -> None:
@@ -63,13 +64,23 @@ class NonfiniteGuard:
             return
         streak, worst, count = (int(t.item()) for t in (self.streak, self.worst, self.count))
         state = self.state
-        state.nonfinite_steps = streak
+        state.settle_nonfinite(streak, count)
         if count:
-            state.nonfinite_total += count
             metrics.log({"nonfinite_steps": worst, "nonfinite_since_last_log": count}, state.step)
+            self._announce(state.step, count)
         self.worst.zero_()
         self.count.zero_()
         self._halt_if(worst, state.step)
+
+    def _announce(self, step: int, count: int) -> None:
+        """The first skipped step of a run is said on the console; later ones are counted in metrics.jsonl."""
+        if self.announced:
+            return
+        self.announced = True
+        when = f"at step {step}" if count == 1 else f"{count} times by step {step}"
+        self.log(f"warning: the gradient was not finite {when}; such steps are skipped (the weights do not change) and "
+                 f"the run stops after {self.max_in_a_row} in a row; later ones are counted in metrics.jsonl "
+                 "(nonfinite_total). A loss that diverges usually needs a lower --learn_rate")
 
     def _halt_if(self, in_a_row: int, step: int) -> None:
         if in_a_row >= self.max_in_a_row:

@@ -59,10 +59,12 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True, **adam)
     try:
         from torchao import optim as ao_optim
+
+        from .compat import torchao_adamw
     except ImportError:
         raise UserError(f"optimizer={cfg.optimizer} with bf16_weights={cfg.bf16_weights} needs torchao; "
                         "pip install torchao, or use --optimizer=adamw --bf16_weights=False") from None
-    cls = {"adamw": ao_optim._AdamW, "adamw_8bit": ao_optim.AdamW8bit, "adamw_4bit": ao_optim.AdamW4bit}[cfg.optimizer]
+    cls = {"adamw": torchao_adamw(), "adamw_8bit": ao_optim.AdamW8bit, "adamw_4bit": ao_optim.AdamW4bit}[cfg.optimizer]
     return cls(groups, bf16_stochastic_round=cfg.bf16_weights, **adam)
 
 

@@ -8,6 +8,7 @@ be checked from here: the message says which host and how to remove it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ import time
 
 import psutil
 
-from .checkpoint_files import list_checkpoints
-from .errors import UserError
+from .checkpoint.files import list_checkpoints
+from .errors import UserError, log_dir_full
 
 LOCK_NAME, OWNER_NAME = ".lock", "owner.json"
 
@@ -155,10 +156,19 @@ def check_log_dir(cfg) -> None:
 
 
 def claim_log_dir(cfg) -> None:
+    """Name this run as the log dir's writer; the file appears whole or not at all (a full disk is one line)."""
     check_log_dir(cfg)
-    os.makedirs(cfg.logging_dir(), exist_ok=True)
-    with open(os.path.join(cfg.logging_dir(), OWNER_NAME), "w", encoding="utf-8") as f:
-        json.dump({"run_dir": os.path.abspath(cfg.run_dir())}, f)
+    path = os.path.join(cfg.logging_dir(), OWNER_NAME)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(cfg.logging_dir(), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"run_dir": os.path.abspath(cfg.run_dir())}, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise log_dir_full(cfg.logging_dir(), exc) or exc from None
 
 
 def exit_with_launcher(main_pid: int | None = None, poll: float = 1.0) -> None:

@@ -12,6 +12,25 @@ from config import TrainConfig
 from .errors import UserError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+# Warnings a run can do nothing about, each matched by its text and the module it is attributed to; anything else
+# still shows (once per place, Python's default).
+KNOWN_WARNINGS = (
+    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls (deepspeed/comm/torch.py) on every ZeRO-3 step
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
+                    r"_reduce_scatter_base)` is deprecated", r"torch\.distributed\.c10d_logger"),
+    # DeepSpeed steps its own optimizer (the scheduler is pointed at it), which torch's scheduler cannot see: our
+    # order, optimizer.step() then scheduler.step(), is right
+    (UserWarning, r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`", r"lowmem\.loop"),
+    (UserWarning, r"Seems like `optimizer\.step\(\)` has been overridden after learning rate scheduler", r"lowmem\.loop"),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Filter KNOWN_WARNINGS by message and module (never all warnings of a kind)."""
+    import warnings
+
+    for category, message, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -74,11 +93,10 @@ def _fsdp_on_cpu() -> None:
     first, then present it as MULTI_GPU so AcceleratorState picks the FSDP plugin; the device stays cpu.
     """
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
 
-    state = PartialState(cpu=True)
-    if state.distributed_type == DistributedType.MULTI_CPU:
-        state.distributed_type = DistributedType.MULTI_GPU
+    from .compat import present_cpu_processes_as_gpus
+
+    present_cpu_processes_as_gpus(PartialState(cpu=True))
 
 
 def _tracker(name: str, cfg: TrainConfig):
@@ -141,6 +159,7 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self.signal_name = ""
+        self.agreed = ""  # set by the loop once the processes agree to stop: what asked for it
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)

@@ -1,9 +1,10 @@
 """Everything a run needs before its first step, in an order that never harms an existing run:
 
-1. the run's lock, and the refusal of a fresh start over an existing run (or its deletion on request);
-2. on resume, the checkpoint chosen, verified and its settings compared, before any weight is loaded;
-3. tokenizer, model, data (checked before step 1), optimizer, accelerator preparation;
-4. the restore, with the settings that may change applied and logged.
+1. the config's values, the demo assets when the run uses them, and every input path (all problems at once);
+2. the run's lock, and the refusal of a fresh start over an existing run (or its deletion on request);
+3. on resume, the checkpoint chosen, verified and its settings compared, before any weight is loaded;
+4. tokenizer, model, data (checked before step 1), optimizer, accelerator preparation;
+5. the restore (checkpoint/manager.py), with the settings that may change applied and logged.
 """
 from __future__ import annotations
 
@@ -17,27 +18,28 @@ import torch
 
 from config import TrainConfig
 
+from .adapters import uses_lora
 from .autobatch import cuda_probe, largest_fitting, limit_gpu_memory, split_global_batch
-from .checkpoint import (CheckpointManager, ResumePlan, apply_settings, fingerprint, optimizer_hyperparameters,
-                         plan_resume)
+from .checkpoint import CheckpointManager, RunParts, fingerprint, plan_resume, weights_format
+from .data.options import Columns, DataOptions, RecordOptions
 from .data.pipeline import TrainData
-from .data.sources import missing_inputs
+from .data.sources import DataInputs, parse_inputs
 from .demo import ensure_demo_assets
 from .ema import EMA
 from .errors import UserError
-from .memory_plan import STATE_BYTES, memory_plan
+from .fields import RECORDS, rules
+from .memory_plan import STATE_BYTES
 from .metrics import MetricsWriter
-from .model import apply_training_options, build_model, count_parameters
+from .model import apply_training_options, build_model
+from .moe import mark_zero3_leaves
+from .objective import TokenLoss
 from .optim import allow_optimizer_state_types, build_optimizer, build_scheduler
 from .ownership import RunLock, check_log_dir, claim_log_dir, exit_with_launcher, refuse_or_clear_existing
-from .runtime import HostChannel, build_accelerator
-from .state import RankPosition, TrainState
+from .runtime import HostChannel, build_accelerator, quiet_known_warnings
+from .state import GlobalTrainState, TrainState
+from .summary import start_summary
 from .tokenizer import load_tokenizer
 from .validate import check_config, config_warnings
-
-
-# settings the optimizer's param groups hold: a change on resume is written into them
-OPTIMIZER_SETTINGS = ("learn_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")
 
 
 @dataclass
@@ -53,15 +55,14 @@ class Session:
     metrics: MetricsWriter
     ema: EMA | None
     state: TrainState
+    run_state: GlobalTrainState  # the state of every process together: what checkpoints hold, what logs count
+    objective: TokenLoss
     total_steps: int
     steps_per_epoch: int
     resumed_step: int | None
     is_encoder_decoder: bool
     channel: HostChannel
     lock: RunLock
-    fingerprint: dict
-    last_eval: dict | None = None
-    last_eval_step: int = -1
 
     def log(self, text: str) -> None:
         """A line above the progress bar, from the main process only."""
@@ -74,12 +75,64 @@ class Session:
     def rank(self) -> int:
         return self.accelerator.process_index
 
+    @property
+    def eval_model(self):
+        """The weights evaluation and the export use: the EMA's when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+def data_options(cfg: TrainConfig) -> DataOptions:
+    """The data options of a run, from its config (the data layer never sees the whole config)."""
+    return DataOptions(
+        max_seq_len=cfg.max_seq_len, seed=cfg.seed, buffer_size=cfg.dataloader_buffer_size,
+        columns=Columns(cfg.prompt_column, cfg.response_column, cfg.text_column, cfg.messages_column),
+        train_on=cfg.train_on, train_on_prompt=cfg.train_on_prompt, strict=cfg.strict,
+        records=RecordOptions(cfg.ablation_config, cfg.prompt_style, cfg.max_history_items, cfg.max_samples_per_user,
+                              cfg.sample_seed, cfg.resample_each_epoch, cfg.val_ratio, cfg.split_by),
+        batch_size=cfg.batch_size_per_gpu, packing=cfg.packing, prefetch_batches=cfg.prefetch_batches,
+        trace_samples=cfg.trace_samples)
+
+
+def check_inputs(cfg: TrainConfig) -> DataInputs:
+    """Parse the data arguments once and check every input path; one UserError naming all that are missing."""
+    problems: list[str] = []
+    inputs = parse_inputs(cfg.train_file, cfg.datasets, cfg.validation_file, cfg.validation_datasets,
+                          held_out_split=cfg.val_ratio > 0, problems=problems)
+    if cfg.test_file and not os.path.exists(cfg.test_file):
+        problems.append(f"--test_file: '{cfg.test_file}' does not exist (empty string: no test answering)")
+    tokenizer_dir = cfg.tokenizer_dir or cfg.finetune_from_ckp_file
+    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        problems.append(f"--tokenizer_dir: '{tokenizer_dir}' does not exist (train one with `prepare train_tokenizer`)")
+    if cfg.finetune_from_ckp_file and not os.path.isfile(os.path.join(cfg.finetune_from_ckp_file, "config.json")):
+        problems.append(f"--finetune_from_ckp_file: '{cfg.finetune_from_ckp_file}' is not a model directory "
+                        "(no config.json)")
+    if cfg.deepspeed:
+        from .distributed import resolve_path
+
+        if not os.path.isfile(resolve_path(cfg.deepspeed)):
+            problems.append(f"--deepspeed: '{cfg.deepspeed}' does not exist")
+    if problems:
+        raise UserError(f"{len(problems)} input(s) missing: " + "; ".join(problems))
+    return inputs
+
+
+def check_flags_apply(cfg: TrainConfig, kinds: set[str]) -> None:
+    """A flag set for data this run does not have would do nothing: refuse it rather than ignore it."""
+    if "records" in kinds:
+        return
+    defaults = TrainConfig()
+    for name, meta in rules(type(cfg)).items():
+        if meta.get("applies_to") == RECORDS and getattr(cfg, name) != getattr(defaults, name):
+            raise UserError(f"--{name}={getattr(cfg, name)!r} applies to user-modeling records (user_id + target "
+                            f"columns), but this run's training data is {' and '.join(sorted(kinds))}; drop the flag"
+                            + (" (give validation data with --validation_file)" if name == "val_ratio" else ""))
+
 
 def start_session(cfg: TrainConfig) -> Session:
     check_config(cfg)
-    missing = missing_inputs(cfg)
-    if missing:  # all of them at once, before the launcher's noise and before anything is written
-        raise UserError(f"{len(missing)} input(s) missing: " + "; ".join(missing))
+    quiet_known_warnings()
+    made = ensure_demo_assets(cfg.train_file, cfg.tokenizer_dir)  # before the inputs are checked: they are inputs
+    inputs = check_inputs(cfg)  # all of them at once, before the launcher's noise and before anything is written
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar would tangle with ours
@@ -87,27 +140,26 @@ def start_session(cfg: TrainConfig) -> Session:
     channel = HostChannel(accelerator.num_processes)
     lock = RunLock(cfg.run_dir())
     try:
-        return _start(cfg, accelerator, channel, lock)
+        for what in made:
+            accelerator.print(f"created {what}")
+        return _start(cfg, inputs, accelerator, channel, lock)
     except BaseException:
         lock.release()
         raise
 
 
-def _start(cfg: TrainConfig, accelerator, channel: HostChannel, lock: RunLock) -> Session:
+def _own_the_run(cfg: TrainConfig, lock: RunLock, log):
+    lock.acquire(log)
+    check_log_dir(cfg)
+    if not cfg.is_keep_training:
+        refuse_or_clear_existing(cfg, log)
+    return os.getpid(), socket.gethostname()
+
+
+def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChannel, lock: RunLock) -> Session:
     log, world = accelerator.print, accelerator.num_processes
-
-    def own_the_run():
-        lock.acquire(log)
-        check_log_dir(cfg)
-        if not cfg.is_keep_training:
-            refuse_or_clear_existing(cfg, log)
-        return os.getpid(), socket.gethostname()
-
-    main_pid, main_host = channel.on_main(accelerator.is_main_process, own_the_run)
+    main_pid, main_host = channel.on_main(accelerator.is_main_process, lambda: _own_the_run(cfg, lock, log))
     exit_with_launcher(main_pid if main_host == socket.gethostname() else None)
-    with accelerator.main_process_first():
-        for made in ensure_demo_assets(cfg.train_file, cfg.tokenizer_dir):
-            log(f"created {made}")
     tokenizer_dir = cfg.tokenizer_dir or cfg.finetune_from_ckp_file
     if not tokenizer_dir:
         raise UserError("no tokenizer: set --tokenizer_dir, or --finetune_from_ckp_file to a model dir with one")
@@ -126,64 +178,56 @@ def _start(cfg: TrainConfig, accelerator, channel: HostChannel, lock: RunLock) -
     on_device = on_device and not cfg.qlora  # QLoRA: the bf16 base stays on the host, each weight goes over as NF4
     with torch.device(accelerator.device if on_device else "cpu"):
         built = build_model(cfg, tokenizer)
+    objective = TokenLoss(built, bool(built.config.is_encoder_decoder), cfg.router_aux_loss_coef)
     model = apply_training_options(built, cfg, log)  # LoRA too (lowmem/adapters.py)
     is_enc_dec = bool(model.config.is_encoder_decoder)
-    data = TrainData(cfg, tokenizer, is_enc_dec, accelerator.process_index, world,
-                     pin_memory=accelerator.device.type == "cuda", log=log)
-    data.check_before_training(model.get_input_embeddings().num_embeddings)
     budget = limit_gpu_memory(cfg.max_gpu_memory_gb)
     if cfg.auto_batch_size:
         cfg = _auto_batch(cfg, accelerator, model, tokenizer, budget)
-        data.cfg = cfg
+    data = TrainData(inputs, data_options(cfg), tokenizer, is_enc_dec, accelerator.process_index, world,
+                     pin_memory=accelerator.device.type == "cuda", log=log)
+    check_flags_apply(cfg, data.kinds)
+    data.check_before_training(model.get_input_embeddings().num_embeddings)
     steps_per_epoch = math.ceil(data.batches_per_epoch() / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     ema = EMA(model, cfg.ema_decay) if cfg.use_ema else None
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    leaves = mark_zero3_leaves(model) if objective.moe is not None and _zero_stage(accelerator) == 3 else []
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.distributed_type.name == "DEEPSPEED":
         scheduler.optimizer = model.optimizer  # schedule the groups DeepSpeed steps (its CPU Adam when offloading)
     if ema is not None:
         ema.model.to(accelerator.device)
-    state = TrainState()
-    state.data.world = world
-    state.data.ranks = [RankPosition() for _ in range(world)]
-    checkpoints = CheckpointManager(accelerator, cfg.checkpoint_dir(), cfg.keep_latest_n_ckp)
+    state = TrainState.fresh(world)
+    run_state = GlobalTrainState(state, channel, accelerator.process_index, world,
+                                 {"fingerprint": prints, "config": dataclasses.asdict(cfg)}, log)
+    parts = RunParts(model, optimizer, scheduler, tokenizer, run_state, ema.model if ema is not None else None)
+    checkpoints = CheckpointManager(accelerator, cfg.checkpoint_dir(), cfg.keep_latest_n_ckp, parts,
+                                    weights_format(uses_lora(cfg), cfg.merge_lora))
     if plan is not None:
-        _restore(cfg, plan, accelerator, checkpoints, model, optimizer, scheduler, ema, state)
+        if cfg.optimizer != "adamw" or cfg.bf16_weights:
+            allow_optimizer_state_types()  # torchao's compact states load under weights_only
+        path = checkpoints.restore(plan, log)
+        log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, "
+            f"position {state.data.ranks[accelerator.process_index].position}")
     resumed_step = state.step if plan is not None else None
     if accelerator.is_main_process:
         claim_log_dir(cfg)
     accelerator.init_trackers(os.path.basename(cfg.logging_dir()))
     metrics = MetricsWriter(accelerator, cfg.logging_dir(), resumed_step, dataclasses.asdict(cfg))
     session = Session(cfg, accelerator, tokenizer, model, data, optimizer, scheduler, checkpoints, metrics, ema, state,
-                      total_steps, steps_per_epoch, resumed_step, is_enc_dec, channel, lock, prints)
-    session.log(_summary(session))
+                      run_state, objective, total_steps, steps_per_epoch, resumed_step, is_enc_dec, channel, lock)
+    notes = [f"ZeRO-3 gathers each MoE block ({', '.join(leaves)}) as one leaf"] if leaves else []
+    session.log(start_summary(session, config_warnings(cfg), notes))
     if plan is not None and plan.changed:
-        session.metrics.log({"changed_on_resume": {k: [a, b] for k, (a, b) in plan.changed.items()}}, state.step)
+        metrics.log({"changed_on_resume": {k: [a, b] for k, (a, b) in plan.changed.items()}}, state.step)
     return session
 
 
-def _restore(cfg, plan: ResumePlan, accelerator, checkpoints, model, optimizer, scheduler, ema, state) -> None:
-    log = accelerator.print
-    if cfg.optimizer != "adamw" or cfg.bf16_weights:
-        allow_optimizer_state_types()
-    fresh = optimizer_hyperparameters(scheduler.optimizer)
-    path, saved = checkpoints.restore(plan, model, optimizer, scheduler, log, ema.model if ema is not None else None)
-    if set(plan.changed) & set(OPTIMIZER_SETTINGS):  # untouched otherwise: the restored state is the exact one
-        apply_settings(scheduler.optimizer, scheduler, fresh, cfg.learn_rate)
-    state.load_state_dict(saved)
-    world = accelerator.num_processes
-    if state.data.world != world:
-        old = saved.get("config", {})
-        log(f"elastic resume: {state.data.world} processes x {old.get('batch_size_per_gpu', '?')} x "
-            f"{old.get('gradient_accumulation_steps', '?')} accumulation -> {world} x {cfg.batch_size_per_gpu} x "
-            f"{cfg.gradient_accumulation_steps}; the epoch continues at the next untrained sample")
-        state.data = state.data.reshard(world)
-    if plan.changed:
-        log("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in plan.changed.items()))
-    rank = state.data.ranks[accelerator.process_index]
-    log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, position {rank.position}")
+def _zero_stage(accelerator) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage or 0) if plugin is not None else 0
 
 
 def _auto_batch(cfg: TrainConfig, accelerator, model, tokenizer, budget: int) -> TrainConfig:
@@ -213,46 +257,3 @@ def _min_over_processes(accelerator, value: int) -> int:
     tensor = torch.tensor([value], device=accelerator.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
-
-
-def _length(s: Session) -> str:
-    """How many optimizer steps will run, and why."""
-    cfg = s.cfg
-    if cfg.max_steps:
-        epochs = cfg.max_steps / max(1, s.steps_per_epoch)
-        return (f"{s.total_steps} optimizer steps (--max_steps; ~{s.steps_per_epoch} per epoch, so ~{epochs:.2g} "
-                "epochs, the data repeating as needed)")
-    return f"{s.total_steps} optimizer steps ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x ~{s.steps_per_epoch})"
-
-
-def _summary(s: Session) -> str:
-    cfg, acc = s.cfg, s.accelerator
-    world, ga = acc.num_processes, cfg.gradient_accumulation_steps
-    n_params = count_parameters(acc.unwrap_model(s.model))
-    trained = count_parameters(acc.unwrap_model(s.model), trained_only=True)
-    unit = "packed rows of" if s.data.packing else "samples, up to"
-    return (f"model {cfg.model_type}/{cfg.model_preset}{' from ' + cfg.finetune_from_ckp_file if cfg.finetune_from_ckp_file else ''}: "
-            f"{n_params / 1e6:.2f}M parameters ({trained / 1e6:.2f}M trained) | devices: {world} x {acc.device.type} ({_sharding(acc)[0]}) | "
-            f"precision: {acc.mixed_precision}{' (bf16 weights)' if cfg.bf16_weights else ''} | effective batch "
-            f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
-            f"{cfg.max_seq_len} tokens | {_length(s)} | optimizer {cfg.optimizer} | logs: {cfg.logging_dir()}\n"
-            f"{s.data.describe()}\n{_memory_plan(s)}" + "".join(f"\nwarning: {w}" for w in config_warnings(cfg)))
-
-
-def _sharding(acc) -> tuple[str, int, bool]:
-    """How the model is spread over the processes: (name, ZeRO-like stage, optimizer offloaded)."""
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        stage = int(plugin.zero_stage or 0)
-        offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
-        return f"DeepSpeed ZeRO-{stage}", stage, offload not in ("none", None)
-    if acc.distributed_type.name == "FSDP":
-        return "FSDP", 3, False  # full shard: like ZeRO-3
-    return ("data parallel" if acc.num_processes > 1 else "one process"), 0, False
-
-
-def _memory_plan(s: Session) -> str:
-    """The memory plan for this process: ZeRO stage k shards the optimizer states, gradients, weights (k=1..3)."""
-    acc = s.accelerator
-    _, stage, offload = _sharding(acc)
-    return memory_plan(acc.unwrap_model(s.model), s.cfg, str(acc.mixed_precision), acc.num_processes, stage, offload)

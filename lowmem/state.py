@@ -1,11 +1,14 @@
 """The train state: counters of the run and the data pipeline's position, with state_dict/load_state_dict.
 
-One owner: the loop advances it, checkpoint.py saves and restores it (train_state.json), nothing else
-writes it. The data position is global: it names, for every process, where its share of the epoch
-continues, so a run checkpointed with N processes can continue with M (see DataPosition.reshard).
+One owner: only TrainState's methods change its fields (the loop calls `advance`, `record_eval`,
+`next_epoch`; the non-finite guard `nonfinite_step`/`finite_step`/`settle_nonfinite`), and only the
+checkpoint manager saves and restores it (train_state.json, through GlobalTrainState). The data position
+is global: it names, for every process, where its share of the epoch continues, so a run checkpointed
+with N processes can continue with M (see DataPosition.reshard).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -79,15 +82,71 @@ class TrainState:
     tokens_seen: int = 0
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # non-finite steps in a row, up to now
     nonfinite_total: int = 0
     counts: dict = field(default_factory=dict)  # data counters of trained rows, summed over processes, at resume
     data: DataPosition = field(default_factory=DataPosition)
     local_counts: Counter = field(default_factory=Counter)  # this process's counters since the run (re)started
+    last_eval: dict | None = None  # the newest evaluation's results (not saved: a resume evaluates anew)
+    last_eval_step: int = -1
+
+    @classmethod
+    def fresh(cls, world: int) -> "TrainState":
+        return cls(data=DataPosition(world=world, ranks=[RankPosition() for _ in range(world)]))
 
     @property
     def epoch(self) -> int:
         return self.data.epoch
+
+    # ---------------------------------------------------------------- what the loop changes
+
+    def advance(self, window: list, world: int, rank: int) -> None:
+        """Count an optimizer step and move this process's data position past the batches it trained."""
+        self.step += 1
+        mine = self.data.ranks[rank]
+        for batch in window:
+            if batch.position < 0:
+                continue  # a dummy batch of a process without data
+            if batch.skip:  # mid-chunk of packed rows: remember which samples of the chunk are trained
+                if mine.skip == 0 or mine.position != batch.position:
+                    mine.consumed = []
+                mine.consumed += batch.sample_positions
+            else:
+                mine.consumed = []
+            mine.position, mine.skip = batch.position, batch.skip
+            self.local_counts.update(batch.counts)
+        self.tokens_seen += sum(b.real_tokens for b in window) * world
+
+    def next_epoch(self, world: int) -> None:
+        self.data.next_epoch(world)
+
+    def record_eval(self, result: dict, threshold: float = 0.0, patience: int = 0) -> tuple[bool, bool]:
+        """Keep an evaluation; (a new best: a finite loss below the best so far, stop early: `patience` evaluations
+        in a row without an improvement of more than `threshold`)."""
+        loss, previous = result["eval_loss"], self.best_eval_loss
+        best = math.isfinite(loss) and (previous is None or loss < previous)
+        if best:
+            self.best_eval_loss = loss
+        improved = best and (previous is None or previous - loss > threshold)
+        self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
+        self.last_eval, self.last_eval_step = result, self.step
+        return best, bool(patience) and self.evals_without_improvement >= patience
+
+    def nonfinite_step(self) -> int:
+        """Count a skipped non-finite step; returns how many came in a row."""
+        self.nonfinite_steps += 1
+        self.nonfinite_total += 1
+        return self.nonfinite_steps
+
+    def finite_step(self) -> None:
+        self.nonfinite_steps = 0
+
+    def settle_nonfinite(self, in_a_row: int, new: int) -> None:
+        """The counts a device-side guard kept since it last settled."""
+        self.nonfinite_steps = in_a_row
+        self.nonfinite_total += new
+
+    # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self, counts: dict, ranks: list[RankPosition]) -> dict:
         """What train_state.json holds; counts and ranks are the sums / positions gathered from every process."""
@@ -116,3 +175,32 @@ class TrainState:
         for counts in gathered:
             total.update(counts)
         return dict(total)
+
+
+class GlobalTrainState:
+    """The train state of every process together: what a checkpoint holds (with the run's settings beside it)
+    and the counters the logs show. state_dict and counts are collectives: every process calls them."""
+
+    def __init__(self, state: TrainState, channel, rank: int, world: int, settings: dict, log=print):
+        self.state, self.channel, self.rank, self.world = state, channel, rank, world
+        self.settings, self.log = settings, log  # the fingerprint and config saved beside the state
+
+    def counts(self) -> dict:
+        """Data counters of the whole run (every process, resumes included): skipped/truncated rows, samples per set."""
+        return self.state.total_counts(self.channel.gather_objects(dict(self.state.local_counts)))
+
+    def state_dict(self) -> dict:
+        state = self.state
+        gathered = self.channel.gather_objects((asdict(state.data.ranks[self.rank]), dict(state.local_counts)))
+        ranks = [RankPosition(**position) for position, _ in gathered]
+        return {**state.state_dict(state.total_counts([c for _, c in gathered]), ranks), **self.settings}
+
+    def load_state_dict(self, saved: dict) -> None:
+        state = self.state
+        state.load_state_dict(saved)
+        if state.data.world != self.world:
+            old = saved.get("config", {})
+            self.log(f"elastic resume: {state.data.world} processes x {old.get('batch_size_per_gpu', '?')} x "
+                     f"{old.get('gradient_accumulation_steps', '?')} accumulation -> {self.world} processes; the epoch "
+                     "continues at the next untrained sample")
+            state.data = state.data.reshard(self.world)

@@ -141,6 +141,17 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def turn_end_pattern(tokenizer) -> re.Pattern | None:
+    """Matches a special token right after a content (optional whitespace first): the end of a turn.
+
+    The encoder labels the end of an answer with the same rule (lowmem/data/encoding.py).
+    """
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    specials |= {token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
+    specials = sorted((s for s in specials if s.strip()), key=len, reverse=True)
+    return re.compile(r"\s*(?:" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
 def turn_end_token(tokenizer) -> str | None:
     """The special token the chat template writes right after an assistant's answer; None when it writes none.
 
@@ -148,8 +159,6 @@ def turn_end_token(tokenizer) -> str | None:
     """
     if not getattr(tokenizer, "chat_template", None):
         return IM_END
-    from .data.encoding import turn_end_pattern  # the rule the encoder labels the end of an answer with
-
     pattern = turn_end_pattern(tokenizer)
     after = _text_after_answer(tokenizer)
     found = pattern.match(after) if pattern is not None and after is not None else None

@@ -219,3 +219,35 @@ def family_tokenizer(path: str, template: str | None, specials=(), plain=(), **t
         setattr(tokenizer, name, value)
     tokenizer.chat_template = template
     return tokenizer
+
+
+# --- tiny mixture-of-experts models of real families, built from their configs (test_moe, test_distributed) -------
+
+def write_moe_dir(path: str, family: str, tokenizer_dir: str, seed: int = 0) -> str:
+    """A 2-layer, 8-expert, top-2 model of `family` (qwen3_moe or mixtral), saved with the tokenizer at `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen3MoeConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_experts_per_tok=2, max_position_embeddings=256,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    if family == "qwen3_moe":  # experts 48 wide, a dense MLP elsewhere would be 96: no square expert weight
+        config = Qwen3MoeConfig(num_experts=8, moe_intermediate_size=48, intermediate_size=96, **common)
+    else:
+        config = MixtralConfig(num_local_experts=8, intermediate_size=48, **common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory, tokenizer_dir):
+    return write_moe_dir(str(tmp_path_factory.mktemp("qwen3_moe") / "model"), "qwen3_moe", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory, tokenizer_dir):
+    return write_moe_dir(str(tmp_path_factory.mktemp("mixtral") / "model"), "mixtral", tokenizer_dir)

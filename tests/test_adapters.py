@@ -28,7 +28,7 @@ def safetensors(path: str) -> dict:
 
 
 def newest_checkpoint(cfg) -> str:
-    from lowmem.checkpoint_files import complete_checkpoints
+    from lowmem.checkpoint.files import complete_checkpoints
 
     return complete_checkpoints(cfg.checkpoint_dir())[-1]
 
@@ -78,7 +78,7 @@ def test_only_adapters_train_and_checkpoints_hold_them_alone(lora_runs):
     adapter = safetensors(os.path.join(checkpoint, "adapter_model.safetensors"))
     assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
     merged = safetensors(os.path.join(cfg.final_dir(), "model.safetensors"))
-    from lowmem.checkpoint_files import checkpoint_bytes
+    from lowmem.checkpoint.files import checkpoint_bytes
 
     assert checkpoint_bytes(newest_checkpoint(cfg)) < sum(t.numel() * 4 for t in merged.values()) / 2
     base = seeded_base(cfg).state_dict()
@@ -141,10 +141,16 @@ def test_changed_lora_settings_are_refused_on_resume(lora_runs):
         run_in_process(cfg)
 
 
-def test_sigkill_then_resume_is_bitwise_with_ema_checkpointing_and_packing(tmp_path, tokenizer_dir, qa_files):
-    """LoRA dropout, EMA of the adapters, gradient checkpointing and packed rows: the resumed run is the same run."""
+@pytest.mark.parametrize("model", ["llama", "qwen3_moe"])
+def test_sigkill_then_resume_is_bitwise_with_ema_checkpointing_and_packing(tmp_path, tokenizer_dir, qa_files, model,
+                                                                          request):
+    """LoRA dropout (llama) or LoRA on the fused experts with the router loss (Qwen3-MoE), EMA of the adapters,
+    gradient checkpointing and packed rows: the resumed run is the same run."""
     options = dict(LORA, max_steps=12, save_steps=4, lora_dropout=0.1, use_ema=True, ema_decay=0.9,
                    gradient_checkpointing=True, packing=True, batch_size_per_gpu=4, validation_file="")
+    if model != "llama":
+        options.update(finetune_from_ckp_file=request.getfixturevalue(f"{model}_dir"))
+        tokenizer_dir = ""  # the model directory's own
     reference = tiny_config(tmp_path / "a", tokenizer_dir, qa_files, **options)
     run_in_process(reference)
     killed = tiny_config(tmp_path / "b", tokenizer_dir, qa_files, **options)
@@ -159,9 +165,13 @@ def test_sigkill_then_resume_is_bitwise_with_ema_checkpointing_and_packing(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ema = os.path.join(newest_checkpoint(killed), "ema")
     assert sorted(os.listdir(ema)) == ["adapter_config.json", "adapter_model.safetensors"]  # no second base
-    model = safetensors(os.path.join(newest_checkpoint(killed), "model", "adapter_model.safetensors"))
+    adapters = safetensors(os.path.join(newest_checkpoint(killed), "model", "adapter_model.safetensors"))
     averaged = safetensors(os.path.join(ema, "adapter_model.safetensors"))
-    assert model.keys() == averaged.keys() and any(not torch.equal(model[k], averaged[k]) for k in model)
+    assert adapters.keys() == averaged.keys() and any(not torch.equal(adapters[k], averaged[k]) for k in adapters)
+    experts = [k for k in adapters if ".mlp.experts." in k and "lora_B" in k]
+    assert (len(experts) == 4) == (model != "llama")  # gate_up_proj and down_proj of two layers
+    assert all(adapters[k].abs().max() > 0 for k in experts)  # they trained (B starts at zero)
+    assert not [k for k in adapters if ".mlp.gate." in k]  # the router has no adapter
 
 
 # --- settings that cannot work are one-line errors --------------------------------------------------------------
@@ -216,7 +226,7 @@ def test_nf4_base_dequantises_into_the_merged_weights(tokenizer_dir):
     from config import TrainConfig
     from peft import LoraConfig, get_peft_model
 
-    from lowmem.adapters import base_state_dict, default_target_modules, lora_scalings, nf4_type, quantize_to_nf4
+    from lowmem.adapters import base_state_dict, default_target_modules, lora_merges, nf4_type, quantize_to_nf4
 
     cfg = TrainConfig(tokenizer_dir=tokenizer_dir)
     model = seeded_base(cfg)  # fp32 around the NF4 weights: CPU matmuls have no bf16 autocast here
@@ -235,7 +245,7 @@ def test_nf4_base_dequantises_into_the_merged_weights(tokenizer_dir):
     peft_model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
     state = peft_model.state_dict()
-    merged = base_state_dict(state, lora_scalings(peft_model))
+    merged = base_state_dict(state, lora_merges(peft_model))
     assert merged.keys() == original.keys()
     for name, weight in merged.items():
         assert not isinstance(weight, nf4_type())

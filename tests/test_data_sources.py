@@ -12,17 +12,20 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_qa_parquet
 
-from config import TrainConfig
 from lowmem.data.mixture import Mixture
+from lowmem.data.options import Columns, DataOptions
 from lowmem.data.pipeline import TrainData
-from lowmem.data.sources import container, open_dataset, parse_data_arg
+from lowmem.data.sources import container, open_dataset, parse_data_arg, parse_inputs
 from lowmem.data.stream import Shard, iter_shard
 from lowmem.errors import UserError
 
 
 def settings(**values):
-    return TrainConfig(**{"validation_file": "", "test_file": "", "max_seq_len": 64, "dataloader_buffer_size": 100,
-                          **values})
+    return DataOptions(**{"max_seq_len": 64, "buffer_size": 100, **values})
+
+
+def inputs(train_file="", datasets=(), validation_file=""):
+    return parse_inputs(train_file, list(datasets), validation_file, [], held_out_split=False)
 
 
 def write_shards(folder, rows: list[tuple[str, str]], n_shards: int, empty: bool = True) -> str:
@@ -51,7 +54,7 @@ def epoch_samples(source, epoch: int, world: int = 1) -> list[tuple]:
 def test_a_folder_of_shards_is_one_dataset_with_the_same_rows_per_epoch(tmp_path):
     single = write_qa_parquet(tmp_path / "all.parquet", 230, seed=3)
     folder = write_shards(tmp_path / "shards", rows_of(single), 5)
-    cfg = settings(train_file=folder)
+    cfg = settings()
     sharded = open_dataset(parse_data_arg(folder, "train_file")[0], cfg).source
     whole = open_dataset(parse_data_arg(single, "train_file")[0], cfg).source
     assert sharded.num_samples == whole.num_samples == 230
@@ -84,7 +87,7 @@ def test_bad_shards_and_patterns_are_one_line_errors(tmp_path):
 def test_kind_comes_from_the_content_not_the_extension(tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) for i in range(5)) + "\n")
-    cfg = settings(prompt_column="q", response_column="a")
+    cfg = settings(columns=Columns(prompt_column="q", response_column="a"))
     dataset = open_dataset(parse_data_arg(str(qa), "train_file")[0], cfg)
     assert dataset.kind == "prompt_response"  # a .jsonl is not taken for user records
     assert dataset.source.sample(0, 0).keys() == {"prompt", "response"}
@@ -105,7 +108,7 @@ def test_mixture_shares_follow_the_weights_and_resume_anywhere(tmp_path):
     arg = ",".join(f"{f}:{w}" for f, w in zip(files, weights))
     specs = parse_data_arg(arg, "train_file")
     assert [s.name for s in specs] == names and [s.weight for s in specs] == weights
-    cfg = settings(train_file=arg)
+    cfg = settings()
     mixture = Mixture([open_dataset(s, cfg).source for s in specs], weights, names, seed=7)
     drawn = [mixture.sample(0, g)["_source"] for g in range(10_000)]
     for i, w in enumerate(weights):
@@ -127,21 +130,21 @@ def test_config_file_datasets_and_validation_of_another_kind(tmp_path, tokenizer
     a = write_qa_parquet(tmp_path / "a.parquet", 60)
     b = tmp_path / "b.jsonl"
     b.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(30)) + "\n")
-    cfg = settings(datasets=[{"path": a, "weight": 3}, {"path": str(b), "weight": 1, "name": "second",
+    listed = inputs(datasets=[{"path": a, "weight": 3}, {"path": str(b), "weight": 1, "name": "second",
                                                          "prompt_column": "question", "response_column": "answer"}],
-                   validation_file=a)
-    data = TrainData(cfg, tokenizer, False, 0, 1, pin_memory=False, log=lambda _: None)
+                    validation_file=a)
+    data = TrainData(listed, settings(), tokenizer, False, 0, 1, pin_memory=False, log=lambda _: None)
     assert data.names == ["a", "second"] and isinstance(data.source, Mixture)
     text = tmp_path / "text.parquet"
     pq.write_table(pa.table({"text": ["some text"] * 5}), text)
     with pytest.raises(UserError, match="is pretraining data .* training data is SFT"):
-        TrainData(settings(train_file=a, validation_file=str(text)), tokenizer, False, 0, 1, False, lambda _: None)
+        TrainData(inputs(a, validation_file=str(text)), settings(), tokenizer, False, 0, 1, False, lambda _: None)
     with pytest.raises(UserError, match="unknown key"):
-        TrainData(settings(datasets=[{"path": a, "wieght": 1}]), tokenizer, False, 0, 1, False, lambda _: None)
+        inputs(datasets=[{"path": a, "wieght": 1}])
 
 
 def test_tokenize_once_cache_gives_the_batches_of_the_source(tmp_path, tokenizer_dir):
-    from lowmem.data.sft_cache import build_sft_cache
+    from lowmem.data.sft_cache_build import build_sft_cache
     from lowmem.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -150,9 +153,8 @@ def test_tokenize_once_cache_gives_the_batches_of_the_source(tmp_path, tokenizer
     assert build_sft_cache(folder, str(tmp_path / "cache"), tokenizer_dir, 24, log=lambda _: None)["complete"]
 
     def batches(train_file, packing):
-        cfg = settings(train_file=train_file, max_seq_len=24, packing=packing, batch_size_per_gpu=4,
-                       dataloader_buffer_size=40)
-        data = TrainData(cfg, tokenizer, False, 1, 2, pin_memory=False, log=lambda _: None)
+        cfg = settings(max_seq_len=24, packing=packing, batch_size=4, buffer_size=40)
+        data = TrainData(inputs(train_file), cfg, tokenizer, False, 1, 2, pin_memory=False, log=lambda _: None)
         return [(b.tensors, b.position, b.skip, dict(b.counts)) for b in data.epoch(1, Shard(1, 2), 0)]
 
     for packing in (False, True):
@@ -163,12 +165,40 @@ def test_tokenize_once_cache_gives_the_batches_of_the_source(tmp_path, tokenizer
             assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
     assert any("skipped_response_too_long" in c or "truncated_prompt" in c for *_, c in batches(folder, False))
     with pytest.raises(UserError, match="built with max_seq_len=24 \\(this run: 32\\)"):
-        TrainData(settings(train_file=str(tmp_path / "cache"), max_seq_len=32), tokenizer, False, 0, 1, False,
+        TrainData(inputs(str(tmp_path / "cache")), settings(max_seq_len=32), tokenizer, False, 0, 1, False,
                   lambda _: None)
     other = tmp_path / "other_tok"
     shutil.copytree(tokenizer_dir, other)
     with open(other / "tokenizer_config.json", "a", encoding="utf-8") as f:
         f.write("\n")  # any change to the tokenizer's files
     with pytest.raises(UserError, match="built with another tokenizer"):
-        TrainData(settings(train_file=str(tmp_path / "cache"), max_seq_len=24), load_tokenizer(str(other)), False, 0,
+        TrainData(inputs(str(tmp_path / "cache")), settings(max_seq_len=24), load_tokenizer(str(other)), False, 0,
                   1, False, lambda _: None)
+
+
+def test_a_jsonl_of_records_is_read_as_records_when_its_first_rows_lack_user_id(tmp_path):
+    rows = [{"target": f"review {i}", "profile": {"age": 30}} for i in range(50)]  # no user_id: skipped, counted
+    rows += [{"user_id": f"u{i % 10}", "target": f"review {i}", "timestamp": i} for i in range(150)]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    logged = []
+    dataset = open_dataset(parse_data_arg(str(path), "train_file")[0], settings(), None, log=logged.append)
+    assert dataset.kind == "records" and dataset.source.num_samples == 150
+    assert "50 no user_id" in "\n".join(logged)
+
+
+def test_every_missing_input_is_named_in_one_error(tmp_path):
+    a = write_qa_parquet(tmp_path / "a.parquet", 10)
+    with pytest.raises(UserError) as err:
+        parse_inputs(f"{a}:0.5,{tmp_path}/b.parquet:0.5", [], f"{tmp_path}/valid-*.parquet", [], held_out_split=False)
+    message = str(err.value)
+    assert message.startswith("2 input(s) missing: ") and "\n" not in message
+    assert "b.parquet' does not exist" in message and "valid-*.parquet' matches no file" in message
+    listed = [{"path": f"{tmp_path}/c.parquet", "weight": 1}, {"path": a, "wieght": 1}, "d.parquet"]
+    problems = ["--tokenizer_dir: 'x' does not exist"]  # a caller's own problems, reported with these
+    found = parse_inputs("ignored.parquet", listed, "ignored.parquet", [], held_out_split=True, problems=problems)
+    assert found.train == [] and found.validation == []
+    assert len(problems) == 5 and all(needle in " ".join(problems) for needle in (
+        "c.parquet' does not exist", "unknown key(s) wieght", "entry 3 must be a mapping", "every one needs a weight"))
+    inputs_ = parse_inputs(a, [], a, [], held_out_split=False)
+    assert [s.paths for s in inputs_.train] == [[a]] == [s.paths for s in inputs_.validation]

@@ -171,3 +171,30 @@ def test_token_file_windows(dirs, llama, t5, tmp_path, capsys):
         assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(UserError, match="T5"):
         evaluate_loss(*t5, prefix + ".bin", 16, 2)
+
+
+def write_token_file(prefix: str, ids: list[int], index: dict) -> str:
+    """A packed token file written by hand: uint16 ids and an index with the given fields."""
+    import numpy as np
+
+    np.asarray(ids, dtype="<u2").tofile(prefix + ".bin")
+    with open(prefix + ".json", "w", encoding="utf-8") as f:
+        json.dump({"format_version": 1, "dtype": "uint16", "n_tokens": len(ids), "n_documents": 1, "eos_token_id": 1,
+                   "complete": True, **index}, f)
+    return prefix + ".bin"
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_refused_before_scoring(dirs, llama, tmp_path):
+    model, tokenizer = llama
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = [5, 6, 7, vocab + 100] * 8  # written with a larger tokenizer
+    path = write_token_file(str(tmp_path / "big"), ids, {"vocab_size": vocab + 200, "max_token_id": vocab + 100})
+    with pytest.raises(UserError, match=f"was made with a vocabulary of {vocab + 200} entries, but the model has "
+                                        f"{vocab}"):
+        cli_generate.evaluate(dirs["llama"], path, max_seq_len=8)
+    path = write_token_file(str(tmp_path / "small"), ids, {"vocab_size": vocab})  # an index that understates
+    with pytest.raises(UserError, match=f"the index says vocab_size {vocab} but the file holds id {vocab + 100}"):
+        evaluate_loss(model, tokenizer, path, max_seq_len=8)
+    path = write_token_file(str(tmp_path / "lying"), ids, {"vocab_size": vocab, "max_token_id": 7})
+    with pytest.raises(UserError, match=f"gives token id {vocab + 100}, but the model's vocabulary has {vocab}"):
+        evaluate_loss(model, tokenizer, path, max_seq_len=8)  # a wrong max_token_id is caught before the model

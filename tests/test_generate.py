@@ -427,3 +427,32 @@ def test_contradicting_prompt_formats_are_refused_before_loading(tmp_path, flags
 def test_raw_prompts_take_no_history(llama):
     with pytest.raises(UserError, match="takes no history"):
         generate_text(*llama, "the cat", GREEDY, history=[("a", "b")], raw=True)
+
+
+def test_trusted_pickle_the_safe_loader_refuses_is_one_line_with_a_command_that_converts_it(dirs, llama, tmp_path):
+    import shlex
+
+    import numpy as np
+
+    old = tmp_path / "old"
+    shutil.copytree(dirs["llama"], old, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = dict(llama[0].state_dict())
+    weights["training_step"] = np.int64(5)  # a numpy scalar beside the tensors: torch's safe loader refuses it
+    torch.save(weights, old / "pytorch_model.bin")
+    with pytest.raises(UserError) as err:
+        load_for_inference(str(old), trust_pickle=True)
+    message = str(err.value)
+    assert "\n" not in message and "even with --trust_pickle=True" in message and "numpy" in message
+    program, flag, code = shlex.split(message.split("convert it once to model.safetensors with: ", 1)[1])
+    assert (program, flag) == ("python", "-c")
+    exec(code, {})  # what the user runs once, here in this process
+    model, tokenizer = load_for_inference(str(old))  # safetensors now: no --trust_pickle needed
+    assert generate_text(model, tokenizer, "the cat", GREEDY) == generate_text(*llama, "the cat", GREEDY)
+
+
+@pytest.mark.parametrize("flag", ["--prompt=", "--prompt=   ", "--prompt"])
+def test_an_empty_prompt_is_refused_before_the_model_loads(flag, tmp_path):
+    import fire
+
+    with pytest.raises(UserError, match="^--prompt (is empty|needs the text)"):
+        fire.Fire(cli_generate.generate, command=[f"--model_dir={tmp_path}/no_model", flag])

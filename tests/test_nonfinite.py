@@ -37,7 +37,10 @@ def _run(optimizer_cls, grads_per_step, max_in_a_row=3):
     optimizer = optimizer_cls(params)
     state = TrainState()
     metrics = Metrics()
-    guard = NonfiniteGuard(optimizer, True, max_in_a_row, state, "ckpt", torch.device("cpu"), has_ema=False)
+    said = []
+    guard = NonfiniteGuard(optimizer, True, max_in_a_row, state, "ckpt", torch.device("cpu"), has_ema=False,
+                           log=said.append)
+    guard.said = said
     reads = HostReads()
     for scale in grads_per_step:
         for p in params:
@@ -73,6 +76,9 @@ def test_device_path_skips_like_the_host_path_without_host_reads():
     assert device_state.nonfinite_total == host_state.nonfinite_total == 3  # ...and now it is
     assert device_state.nonfinite_steps == host_state.nonfinite_steps == 0
     assert device_metrics.records[-1] == (6, {"nonfinite_steps": 2, "nonfinite_since_last_log": 3})
+    # the console hears of the first skipped step once (at the step, or at the next settle on the device path)
+    assert len(host_guard.said) == len(device_guard.said) == 1
+    assert "at step 2" in host_guard.said[0] and "3 times by step 6" in device_guard.said[0]
 
 
 def test_device_path_halts_at_settle_after_a_streak():

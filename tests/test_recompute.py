@@ -79,7 +79,8 @@ def test_trainer_losses_do_not_depend_on_the_mode(tmp_path, tokenizer_dir, qa_fi
 @pytest.mark.parametrize("extra, needle", [
     (["--gradient_checkpointing_mode=selective"], "take effect only with --gradient_checkpointing=True"),
     (["--gradient_checkpointing=True", "--gradient_checkpointing_mode=ops"], "expects one of full, selective"),
-    (["--gradient_checkpointing=True", "--gradient_checkpointing_every=0"], "whole number >= 1"),
+    (["--gradient_checkpointing=True", "--gradient_checkpointing_every=0"],
+     "--gradient_checkpointing_every=0 must be at least 1"),
 ])
 def test_checkpointing_flags_are_checked(tmp_path, tokenizer_dir, qa_files, extra, needle):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=1)

@@ -249,7 +249,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(run_cfgs, optimizer,
     records = read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl"))
     assert any(r.get("nonfinite_steps") for r in records)
     assert not os.path.exists(cfg.final_dir())
-    from lowmem.checkpoint_files import complete_checkpoints, verify
+    from lowmem.checkpoint.files import complete_checkpoints, verify
 
     saved = complete_checkpoints(cfg.checkpoint_dir()) if os.path.isdir(cfg.checkpoint_dir()) else []
     assert saved or save_steps > 1  # saving every step, the good first steps were saved

@@ -22,7 +22,7 @@ import torch
 from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config, two_processes, write_qa_parquet
 from test_resume import losses, start, wait_for_step
 
-from lowmem.checkpoint_files import complete_checkpoints, verify
+from lowmem.checkpoint.files import complete_checkpoints, verify
 
 
 def tree_digest(path) -> dict:
@@ -167,7 +167,7 @@ def test_changed_learning_rate_on_resume_is_used_from_the_next_step(saved_run):
     shutil.copytree(saved_run.run_dir(), same.run_dir())
     result = cli(resume_flags(saved_run, "--max_steps=9", "--learn_rate=0.0001", "--weight_decay=0.1"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "changed on resume: learn_rate 0.001 -> 0.0001, weight_decay 0.01 -> 0.1" in result.stdout
+    assert "changed on resume: max_steps 6 -> 9, learn_rate 0.001 -> 0.0001, weight_decay 0.01 -> 0.1" in result.stdout
     records = read_jsonl(os.path.join(saved_run.logging_dir(), "metrics.jsonl"))
     assert [r["lr"] for r in records if "loss" in r and r["step"] > 6] == pytest.approx([1e-4] * 3)
     assert any("changed_on_resume" in r for r in records)

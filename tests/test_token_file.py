@@ -201,3 +201,22 @@ def test_token_file_validation(tmp_path, tiny_tokenizer):
     os.remove(prefix + ".bin")
     assert "tf.bin' is missing" in message()
     assert token_dtype(400) == "uint16" and token_dtype(65536) == "uint16" and token_dtype(65537) == "uint32"
+
+
+def test_an_index_declaring_fewer_vocabulary_entries_than_the_ids_is_refused(tmp_path, tiny_tokenizer):
+    prefix = str(tmp_path / "tf")
+    index = tokenize_to_bin(write_text_parquet(tmp_path / "d.parquet", documents(20)), prefix, tiny_tokenizer,
+                            num_workers=1)
+    largest = int(np.asarray(TokenFile(prefix).tokens).max())
+    TokenFile(prefix).check_ids(index["vocab_size"])  # a consistent file passes
+    for recorded in (True, False):  # the index's max_token_id, or (files of earlier versions) the ids read
+        changed = {**index, "vocab_size": largest}
+        if not recorded:
+            del changed["max_token_id"]
+        with open(prefix + ".json", "w", encoding="utf-8") as f:
+            json.dump(changed, f)
+        with pytest.raises(UserError) as err:
+            TokenFile(prefix).check_ids(100_000)
+        assert str(err.value) == (f"token file '{prefix}.bin': the index says vocab_size {largest} but the file holds "
+                                  f"id {largest}: it was written with another tokenizer or is corrupt; tokenize it "
+                                  "again (`train_low_mem.py prepare tokenize`)")

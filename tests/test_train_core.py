@@ -116,8 +116,9 @@ def test_missing_inputs_are_named_together_in_one_line(tmp_path):
                   f"--log_dir={tmp_path}/logs"], cwd=str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: 3 input(s) missing")
-    for needle in ("missing.parquet' does not exist", "valid-*.parquet' matches no file", "no_tokenizer' does not exist"):
+    assert len(errors) == 1 and errors[0].startswith("error: 4 input(s) missing")
+    for needle in ("missing.parquet' does not exist", "valid-*.parquet' matches no file", "no_tokenizer' does not exist",
+                   "--test_file: 'data/demo/test.parquet' does not exist"):  # the demo's, which only the demo makes
         assert needle in errors[0]
     assert not os.path.exists(tmp_path / "ms")
 

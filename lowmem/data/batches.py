@@ -33,6 +33,7 @@ class Batch:
     skip: int = 0  # ...and how many batches built from there to drop (packing builds several per chunk)
     counts: Counter = field(default_factory=Counter)  # skipped/truncated rows and samples per dataset it consumed
     sample_positions: list[int] = field(default_factory=list)  # packing: positions of the samples it holds
+    real: torch.Tensor | None = None  # [rows, width] true at real (non-padding) tokens: what an MoE router is judged on
 
 
 def encode_stream(samples: Iterable[tuple[int, dict]], encoder, names: list[str] | None = None
@@ -103,7 +104,8 @@ def collate(encoded: list, pad_id: int, is_encoder_decoder: bool, position: int,
     return Batch({"input_ids": input_ids, "attention_mask": attention, "labels": labels},
                  label_tokens=int((counted != IGNORE_INDEX).sum()), real_tokens=real,
                  total_tokens=input_ids.numel(), position=position, samples=n,
-                 sample_hashes=[sample_hash(e.input_ids) for e in encoded] if trace else [], counts=counts or Counter())
+                 sample_hashes=[sample_hash(e.input_ids) for e in encoded] if trace else [], counts=counts or Counter(),
+                 real=attention.bool())
 
 
 def batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int,
@@ -157,6 +159,7 @@ def collate_packed(rows: list[list], pad_id: int, position: int, skip: int, trac
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.bool)
     real, hashes = 0, []
     for i, row in enumerate(rows):
         start = 0
@@ -169,11 +172,12 @@ def collate_packed(rows: list[list], pad_id: int, position: int, skip: int, trac
             if trace:
                 hashes.append(sample_hash(e.input_ids))
         position_ids[i, start:] = torch.arange(width - start)  # the padding tail is a sequence of its own
+        mask[i, :start] = True
         real += start
     return Batch({"input_ids": input_ids, "position_ids": position_ids, "labels": labels},
                  label_tokens=int((labels != IGNORE_INDEX).sum()), real_tokens=real, total_tokens=n * width,
                  position=position, samples=sum(len(r) for r in rows), sample_hashes=hashes, skip=skip,
-                 counts=counts or Counter(), sample_positions=positions or [])
+                 counts=counts or Counter(), sample_positions=positions or [], real=mask)
 
 
 def packed_batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int, max_len: int,
@@ -223,7 +227,8 @@ def dummy_batch(pad_id: int) -> Batch:
     """A batch that contributes nothing to the loss: keeps a process without data in step with the others."""
     ids = torch.full((1, 8), pad_id, dtype=torch.long)
     return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  "labels": torch.full_like(ids, IGNORE_INDEX)}, 0, 0, 0, -1, 0)
+                  "labels": torch.full_like(ids, IGNORE_INDEX)}, 0, 0, 0, -1, 0,
+                 real=torch.zeros_like(ids, dtype=torch.bool))
 
 
 class Prefetcher:

@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 
 from ..errors import UserError
 from ..template import (IGNORE_INDEX, answer_affixes, answer_text, build_messages, chat_layout, ensure_chat_template,
-                        render_chat, render_prompt, render_seq2seq_prompt)
+                        render_chat, render_prompt, render_seq2seq_prompt, turn_end_pattern)
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -391,14 +391,6 @@ def _exchanges_to_drop(excess_tokens: int, tokens: int, chars: int, user_starts:
     excess_chars = excess_tokens * chars / max(1, tokens)
     return next((k for k in range(1, len(user_starts)) if user_starts[k] - user_starts[0] >= excess_chars),
                 len(user_starts) - 1)
-
-
-def turn_end_pattern(tokenizer) -> re.Pattern | None:
-    """Matches a special token right after a content (optional whitespace first): the end of a turn."""
-    specials = set(getattr(tokenizer, "all_special_tokens", []))
-    specials |= {token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special}
-    specials = sorted((s for s in specials if s.strip()), key=len, reverse=True)
-    return re.compile(r"\s*(?:" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
 
 def _batch_encoder(tokenizer) -> Callable[[list[str], bool], list[list[int]]]:

@@ -9,64 +9,57 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from config import TrainConfig
-
 from ..errors import UserError
 from .batches import Batch, Prefetcher, batches_from, encode_stream, packed_batches_from, skip_batches
 from .encoding import SampleEncoder, Skipped
 from .mixture import Mixture
-from .sources import Dataset, data_group, open_dataset, parse_data_arg, specs_from_list
+from .options import DataOptions
+from .sources import DataInputs, Dataset, data_group, open_dataset
 from .stream import Shard, iter_shard
 
 PEEK_SAMPLES = 256  # rows encoded before step 1 to refuse a training file with none usable
 
 
-def train_specs(cfg: TrainConfig):
-    return specs_from_list(cfg.datasets, "datasets") if cfg.datasets else parse_data_arg(cfg.train_file, "train_file")
-
-
-def validation_specs(cfg: TrainConfig):
-    if cfg.validation_datasets:
-        return specs_from_list(cfg.validation_datasets, "validation_datasets")
-    return parse_data_arg(cfg.validation_file, "validation_file")
-
-
 class TrainData:
     """Training batches of one process, resumable at any sample position of any epoch."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, rank: int, world: int,
-                 pin_memory: bool, log=print):
-        self.cfg, self.rank, self.world, self.pin_memory = cfg, rank, world, pin_memory
-        specs = train_specs(cfg)
-        if not specs:
+    def __init__(self, inputs: DataInputs, options: DataOptions, tokenizer, is_encoder_decoder: bool, rank: int,
+                 world: int, pin_memory: bool, log=print):
+        self.options, self.rank, self.world, self.pin_memory = options, rank, world, pin_memory
+        if not inputs.train:
             raise UserError("no training data: set --train_file (or a datasets: list in a --config file)")
-        self.datasets = [open_dataset(spec, cfg, tokenizer, is_encoder_decoder, True, "train_file", log)
-                         for spec in specs]
+        self.datasets = [open_dataset(spec, options, tokenizer, is_encoder_decoder, True, "train_file", log)
+                         for spec in inputs.train]
         for d in self.datasets:
             if d.kind == "prompts":
                 raise UserError(f"training data '{d.spec.paths[0]}' has a prompt column but no "
-                                f"'{d.spec.column(cfg, 'response_column')}' column; SFT needs both (name them with "
-                                "--prompt_column/--response_column)")
+                                f"'{d.spec.column(options.columns, 'response_column')}' column; SFT needs both (name "
+                                "them with --prompt_column/--response_column)")
         if len(self.datasets) == 1:
             self.source, self.names = self.datasets[0].source, None
         else:
             self.names = [d.name for d in self.datasets]
             self.source = Mixture([d.source for d in self.datasets], [d.spec.weight for d in self.datasets],
-                                  self.names, cfg.seed)
-        self.validation = self._open_validation(cfg, tokenizer, is_encoder_decoder, log)
+                                  self.names, options.seed)
+        self.validation = self._open_validation(inputs, tokenizer, is_encoder_decoder, log)
         self.is_encoder_decoder = is_encoder_decoder
-        self.packing = cfg.packing and not is_encoder_decoder  # T5 batches are padded
-        self.encoder = self._encoder(tokenizer, cfg.train_file)
+        self.packing = options.packing and not is_encoder_decoder  # T5 batches are padded
+        self.encoder = self._encoder(tokenizer, self.describe_first())
         self.pad_id = tokenizer.pad_token_id
-        self.trace = cfg.trace_samples
+        self.trace = options.trace_samples
 
-    def _open_validation(self, cfg, tokenizer, is_encoder_decoder, log) -> list[tuple[Dataset, float]]:
+    @property
+    def kinds(self) -> set[str]:
+        """The kinds of the training datasets (tokens, text, prompt_response, records, ...)."""
+        return {d.kind for d in self.datasets}
+
+    def _open_validation(self, inputs: DataInputs, tokenizer, is_encoder_decoder, log) -> list[tuple[Dataset, float]]:
         """[(dataset, weight)]: the records' held-out part, or the validation datasets."""
         held_out = getattr(self.datasets[0].source, "held_out", None)
         if held_out is not None:
             return [(Dataset(self.datasets[0].spec, "records", held_out), 1.0)]
-        sets = [open_dataset(spec, cfg, tokenizer, is_encoder_decoder, False, "validation_file", log)
-                for spec in validation_specs(cfg)]
+        sets = [open_dataset(spec, self.options, tokenizer, is_encoder_decoder, False, "validation_file", log)
+                for spec in inputs.validation]
         groups = {data_group(d.kind) for d in self.datasets}
         for d in sets:
             if data_group(d.kind) not in groups:
@@ -75,9 +68,9 @@ class TrainData:
         return [(d, d.spec.weight if d.spec.weight is not None else 1.0) for d in sets]
 
     def _encoder(self, tokenizer, source_name: str) -> SampleEncoder:
-        cfg = self.cfg
-        return SampleEncoder(tokenizer, cfg.max_seq_len, self.is_encoder_decoder, cfg.train_on, cfg.train_on_prompt,
-                             cfg.strict, source_name)
+        o = self.options
+        return SampleEncoder(tokenizer, o.max_seq_len, self.is_encoder_decoder, o.train_on, o.train_on_prompt,
+                             o.strict, source_name)
 
     def describe(self) -> str:
         """One line per dataset for the start-up summary: kind, files, samples, weight, empty shards."""
@@ -100,8 +93,8 @@ class TrainData:
         samples = math.ceil(self.source.num_samples / self.world)
         tokens_only = all(d.kind == "tokens" for d in self.datasets)
         if self.packing and not tokens_only:  # a guess that only sets the LR schedule's length: ~3 samples per row
-            return max(1, math.ceil(samples / (3 * self.cfg.batch_size_per_gpu)))
-        return max(1, math.ceil(samples / self.cfg.batch_size_per_gpu))
+            return max(1, math.ceil(samples / (3 * self.options.batch_size)))
+        return max(1, math.ceil(samples / self.options.batch_size))
 
     def check_before_training(self, vocab_size: int) -> None:
         """Refuse data the run cannot use before step 1: token ids past the vocabulary, no usable row at all."""
@@ -124,13 +117,14 @@ class TrainData:
     def _batches(self, samples, encoder) -> Iterator[Batch]:
         stream = encode_stream(samples, encoder, self.names)
         if self.packing:
-            return packed_batches_from(stream, self.cfg.batch_size_per_gpu, self.pad_id, self.cfg.max_seq_len, self.trace)
-        return batches_from(stream, self.cfg.batch_size_per_gpu, self.pad_id, self.is_encoder_decoder, self.trace)
+            return packed_batches_from(stream, self.options.batch_size, self.pad_id, self.options.max_seq_len,
+                                       self.trace)
+        return batches_from(stream, self.options.batch_size, self.pad_id, self.is_encoder_decoder, self.trace)
 
     def epoch(self, epoch: int, shard: Shard, start_position: int, skip: int = 0) -> Prefetcher:
         samples = iter_shard(self.source, epoch, shard, start_position)
         stream = skip_batches(self._batches(samples, self.encoder), skip)
-        return Prefetcher(stream, self.cfg.prefetch_batches, self.pin_memory)
+        return Prefetcher(stream, self.options.prefetch_batches, self.pin_memory)
 
     def validation_batches(self) -> list[tuple[str, float, Iterator[Batch]]]:
         """(name, weight, this process's batches in file order) of each validation dataset."""

@@ -6,23 +6,22 @@ Each epoch's sample list is a pure function of (sample_seed, epoch), so resume s
 """
 from __future__ import annotations
 
-from config import TrainConfig
-
 from ..errors import UserError
 from ..template import build_messages, encode_prompt
+from .options import DataOptions
 from .stream import epoch_rng
-from .user_prompts import ABLATIONS, PROMPT_STYLES, fit_prompt
-from .usermodel import (SPLIT_MODES, build_history, describe_skips, format_summary, read_records, sample_per_user,
-                        split_train_val, summarize)
+from .user_prompts import fit_prompt
+from .usermodel import (build_history, describe_skips, format_summary, read_records, sample_per_user, split_train_val,
+                        summarize)
 
 
 class UserRecordSource:
     """Prompt/response samples built from records; with max_samples_per_user, at most N per user."""
 
-    def __init__(self, records, cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, shuffle: bool = True,
+    def __init__(self, records, options: DataOptions, tokenizer, is_encoder_decoder: bool, shuffle: bool = True,
                  resample: bool = True):
-        self.records, self.cfg, self.shuffle = records, cfg, shuffle
-        self.cap = cfg.max_samples_per_user if resample else None
+        self.records, self.options, self.shuffle = records, options, shuffle
+        self.cap = options.records.max_samples_per_user if resample else None
         self.tokenizer, self.is_encoder_decoder = tokenizer, is_encoder_decoder
         self.num_samples = len(self.chosen(0))
         self._epoch: tuple | None = None
@@ -32,11 +31,11 @@ class UserRecordSource:
     def chosen(self, epoch: int):
         if self.cap is None:
             return self.records
-        return sample_per_user(self.records, self.cap, self.cfg.sample_seed,
-                               epoch if self.cfg.resample_each_epoch else None)
+        rec = self.options.records
+        return sample_per_user(self.records, self.cap, rec.sample_seed, epoch if rec.resample_each_epoch else None)
 
     def _fits(self, response_len: int):
-        budget = self.cfg.max_seq_len - response_len
+        budget = self.options.max_seq_len - response_len
 
         def fits(prompt: str) -> bool:
             return len(encode_prompt(self.tokenizer, build_messages(prompt), self.is_encoder_decoder)) <= budget
@@ -46,50 +45,41 @@ class UserRecordSource:
         """The index-th sample of the epoch's seeded order (the per-user choice is made per epoch)."""
         if self._epoch is None or self._epoch[0] != epoch:
             chosen = self.chosen(epoch)
-            order = epoch_rng(self.cfg.seed, epoch).permutation(len(chosen)) if self.shuffle else range(len(chosen))
+            order = epoch_rng(self.options.seed, epoch).permutation(len(chosen)) if self.shuffle else range(len(chosen))
             self._epoch = (epoch, chosen, [int(i) for i in order])
         _, chosen, order = self._epoch
         record = chosen[order[index]]
         response_len = len(self.tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 2
-        prompt = fit_prompt(record, self.cfg.ablation_config, self.cfg.prompt_style, self._fits(response_len),
-                            self.cfg.max_history_items)
+        rec = self.options.records
+        prompt = fit_prompt(record, rec.ablation_config, rec.prompt_style, self._fits(response_len),
+                            rec.max_history_items)
         return {"prompt": prompt, "response": record.target}
 
 
-def check_options(cfg: TrainConfig) -> None:
-    if cfg.ablation_config not in ABLATIONS:
-        raise UserError(f"ablation_config '{cfg.ablation_config}' is unknown; choose one of {', '.join(ABLATIONS)}")
-    if cfg.prompt_style not in PROMPT_STYLES:
-        raise UserError(f"prompt_style '{cfg.prompt_style}' is unknown; choose one of {', '.join(PROMPT_STYLES)}")
-    if cfg.split_by not in SPLIT_MODES:
-        raise UserError(f"split_by '{cfg.split_by}' is unknown; choose one of {', '.join(SPLIT_MODES)}")
-    if cfg.max_samples_per_user is not None and cfg.max_samples_per_user < 1:
-        raise UserError(f"--max_samples_per_user={cfg.max_samples_per_user} must be at least 1 (or None for no cap)")
-    if not 0.0 <= cfg.val_ratio < 1.0:
-        raise UserError(f"--val_ratio={cfg.val_ratio} must be in [0, 1)")
-
-
-def open_records(paths: list[str], cfg: TrainConfig, tokenizer, is_encoder_decoder: bool, shuffle: bool = True,
+def open_records(paths: list[str], options: DataOptions, tokenizer, is_encoder_decoder: bool, shuffle: bool = True,
                  log=print) -> UserRecordSource:
-    """Records of one dataset as a sample source; for training with --val_ratio, `held_out` holds the validation part."""
-    check_options(cfg)
+    """Records of one dataset as a sample source; for training with --val_ratio, `held_out` holds the validation part.
+
+    The record options' choices and ranges are checked with the config (lowmem/validate.py).
+    """
+    rec = options.records
     records, skips = [], {}
     for path in paths:
-        more, more_skips = read_records(path, strict=cfg.strict)
+        more, more_skips = read_records(path, strict=options.strict)
         records += more
         for reason, count in more_skips.items():
             skips[reason] = skips.get(reason, 0) + count
     if not records:
         raise UserError(f"'{paths[0]}' has no usable records (skipped: {describe_skips(skips)})")
-    records = build_history(records, cfg.max_history_items)
+    records = build_history(records, rec.max_history_items)
     validation = None
-    if shuffle and cfg.val_ratio > 0:  # an explicit split wins over a preset's validation_file
-        records, validation, report = split_train_val(records, cfg.val_ratio, cfg.split_by, cfg.seed)
-        log(f"validation split by {cfg.split_by}: {report}")
-    source = UserRecordSource(records, cfg, tokenizer, is_encoder_decoder, shuffle=shuffle, resample=shuffle)
+    if shuffle and rec.val_ratio > 0:  # an explicit split wins over a preset's validation_file
+        records, validation, report = split_train_val(records, rec.val_ratio, rec.split_by, options.seed)
+        log(f"validation split by {rec.split_by}: {report}")
+    source = UserRecordSource(records, options, tokenizer, is_encoder_decoder, shuffle=shuffle, resample=shuffle)
     if shuffle:
         log(f"records: skipped {describe_skips(skips)}\n{format_summary(summarize(records, source.chosen(0)))}")
     if validation:
-        source.held_out = UserRecordSource(validation, cfg, tokenizer, is_encoder_decoder, shuffle=False,
+        source.held_out = UserRecordSource(validation, options, tokenizer, is_encoder_decoder, shuffle=False,
                                            resample=False)
     return source

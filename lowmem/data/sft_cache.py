@@ -9,7 +9,8 @@ Files of a cache with prefix P:
   P.rows.bin     per source row: where its tokens start, how many, and a status code (kept, or skipped
                  and why, plus notes such as a truncated prompt), 16 bytes a row
 Rows are encoded by a pool of worker processes (one unit each) and written in source order, so the
-bytes do not depend on the worker count; an interrupted run resumes at the next unit.
+bytes do not depend on the worker count; an interrupted run resumes at the next unit (building:
+lowmem/data/sft_cache_build.py; this module holds the format and the reader).
 
 Training reads a sample with three preads: O(1) memory whatever the cache's size. Its order is the
 on-the-fly reader's (the same units, windows and seeds, lowmem/data/tables.py), so a run from the cache
@@ -27,7 +28,8 @@ import numpy as np
 from ..errors import UserError
 from .stream import close_all
 from .tables import epoch_windows, window_order
-from .token_file import _read_index, _write_index, in_order_pool
+from .options import DataOptions
+from .token_file import _fingerprint, _read_index, split_prefix
 
 FORMAT_VERSION = 1
 ROW = np.dtype([("start", "<i8"), ("length", "<i4"), ("status", "<i4")])
@@ -36,8 +38,6 @@ CHECKED = ("tokenizer_sha256", "chat_template_sha256", "max_seq_len", "train_on"
 
 
 def tokenizer_hash(tokenizer_dir: str) -> str:
-    from .token_file import _fingerprint
-
     return _fingerprint(tokenizer_dir)
 
 
@@ -53,145 +53,12 @@ def cache_files(prefix: str) -> dict[str, str]:
             "rows": prefix + ".rows.bin"}
 
 
-# ---------------------------------------------------------------- building
-
-_WORKER: dict = {}
-
-
-def _init_worker(table_args: tuple, encoder_args: tuple) -> None:
-    from ..tokenizer import load_tokenizer
-    from .encoding import SampleEncoder
-    from .tables import ShardTable
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool already uses every core
-    paths, columns, fmt = table_args
-    tokenizer_dir, *settings = encoder_args
-    _WORKER["table"] = ShardTable(paths, columns, fmt, 1 << 30, 0, shuffle=False)  # file order, no windows
-    _WORKER["encoder"] = SampleEncoder(load_tokenizer(tokenizer_dir), *settings)
-
-
-def _encode_unit(u: int) -> tuple[list, list, list]:
-    """(ids per row or None, label masks, status text per row) of one unit."""
-    from .encoding import Skipped
-
-    rows = _WORKER["table"].unit_rows(u)
-    readable = [i for i, row in enumerate(rows) if "_skip" not in row]
-    results = iter(_WORKER["encoder"].encode_many([rows[i] for i in readable], readable))
-    ids, masks, status = [], [], []
-    for row in rows:
-        result = None if "_skip" in row else next(results)
-        if result is None or isinstance(result, Skipped):
-            ids.append(None)
-            masks.append(None)
-            status.append("skip:" + (row["_skip"] if result is None else result.reason))
-            continue
-        tokens = result.input_ids.numpy()
-        ids.append(tokens)
-        masks.append((result.labels.numpy() == tokens).astype(np.uint8))
-        status.append("note:" + "+".join(result.notes) if result.notes else "ok")
-    return ids, masks, status
-
-
-def _results(units: list[int], workers: int, table_args, encoder_args):
-    """(unit, encoded) in unit order."""
-    return in_order_pool(((u, u) for u in units), _encode_unit, workers, _init_worker, (table_args, encoder_args))
-
-
-def build_sft_cache(input: str, output_prefix: str, tokenizer_dir: str, max_seq_len: int,
-                    train_on: str = "all_assistant", train_on_prompt: bool = False, columns: dict | None = None,
-                    num_workers: int | None = None, strict: bool = False, log=print) -> dict:
-    """Encode every row of an SFT data file (or dir/glob/list) into a tokenize-once cache; resumes when rerun."""
-    from config import TrainConfig
-
-    from ..tokenizer import load_tokenizer
-    from .sources import open_dataset, parse_data_arg
-    from .token_file import split_prefix, token_dtype
-
-    tokenizer_dir = os.path.abspath(str(tokenizer_dir))
-    tokenizer = load_tokenizer(tokenizer_dir)
-    settings_cfg = TrainConfig(train_file=input, validation_file="", test_file="", max_seq_len=int(max_seq_len),
-                               train_on=train_on, train_on_prompt=train_on_prompt, strict=strict, **(columns or {}))
-    specs = parse_data_arg(input, "input")
-    if len(specs) != 1:
-        raise UserError(f"--input '{input}' names a weighted mixture; build one cache per dataset")
-    dataset = open_dataset(specs[0], settings_cfg, tokenizer, shuffle=False, flag="input", log=log)
-    if dataset.kind not in CACHE_KINDS:
-        hint = "tokenize plain text into a token file instead (a text column)" if dataset.kind == "text" else \
-            "train on the records file directly"
-        raise UserError(f"--input '{input}' holds {dataset.kind} data; a tokenize-once cache takes prompt/response or "
-                        f"conversations ({hint})")
-    table = dataset.source
-    dtype = token_dtype(len(tokenizer))
-    files = cache_files(split_prefix(output_prefix))
-    stats = [os.stat(p) for p in table.paths]
-    settings = {"kind": "sft_cache", "format_version": FORMAT_VERSION, "dtype": dtype,
-                "tokenizer_dir": tokenizer_dir, "tokenizer_sha256": tokenizer_hash(tokenizer_dir),
-                "chat_template_sha256": template_hash(tokenizer), "max_seq_len": int(max_seq_len),
-                "train_on": train_on, "train_on_prompt": bool(train_on_prompt), "data_kind": dataset.kind,
-                "columns": table.columns, "file_format": table.format, "sources": [os.path.abspath(p) for p in table.paths],
-                "source_bytes": [st.st_size for st in stats], "source_mtime_ns": [st.st_mtime_ns for st in stats],
-                "units": [[u.shard, u.part, u.rows, u.start, u.end] for u in table.units]}
-    progress = {"units_done": 0, "n_rows": 0, "n_tokens": 0, "status_codes": ["ok"], "counts": {}}
-    old = _read_index(files["index"]) or {}
-    itemsize = np.dtype(dtype).itemsize
-    resumable = all(old.get(k) == v for k, v in settings.items()) and all(k in old for k in progress)
-    if resumable and old.get("complete") is True:
-        log(f"tokenize: cache '{files['index']}' is already complete ({old['n_rows']} rows); nothing to do")
-        return old
-    if resumable:
-        progress = {k: old[k] for k in progress}
-    os.makedirs(os.path.dirname(os.path.abspath(files["index"])), exist_ok=True)
-    sizes = {"ids": progress["n_tokens"] * itemsize, "labels": progress["n_tokens"], "rows": progress["n_rows"] * ROW.itemsize}
-    for part, size in sizes.items():
-        with open(files[part], "ab") as f:  # create if missing; a partly written unit is cut off
-            f.truncate(size)
-    _write_index(files["index"], {**settings, **progress, "complete": False})
-    resumed_from = progress["units_done"]
-    workers = int(num_workers) if num_workers else (os.cpu_count() or 1)
-    table_args = (table.paths, table.columns, table.format)
-    encoder_args = (tokenizer_dir, int(max_seq_len), False, train_on, bool(train_on_prompt), bool(strict), input)
-    codes = {name: i for i, name in enumerate(progress["status_codes"])}
-    with open(files["ids"], "r+b") as ids_f, open(files["labels"], "r+b") as labels_f, open(files["rows"], "r+b") as rows_f:
-        for f, size in ((ids_f, sizes["ids"]), (labels_f, sizes["labels"]), (rows_f, sizes["rows"])):
-            f.seek(size)
-        for _, (ids, masks, status) in _results(list(range(resumed_from, len(table.units))), workers, table_args,
-                                                encoder_args):
-            rows = np.zeros(len(ids), dtype=ROW)
-            for i, (tokens, mask, state) in enumerate(zip(ids, masks, status)):
-                if state not in codes:
-                    codes[state] = len(codes)
-                    progress["status_codes"].append(state)
-                rows[i] = (progress["n_tokens"], 0 if tokens is None else len(tokens), codes[state])
-                progress["counts"][state] = progress["counts"].get(state, 0) + 1
-                if tokens is not None:
-                    ids_f.write(tokens.astype(dtype).tobytes())
-                    labels_f.write(mask.tobytes())
-                    progress["n_tokens"] += len(tokens)
-            rows_f.write(rows.tobytes())
-            for f in (ids_f, labels_f, rows_f):
-                f.flush()
-                os.fsync(f.fileno())
-            progress["n_rows"] += len(ids)
-            progress["units_done"] += 1
-            _write_index(files["index"], {**settings, **progress, "complete": False})
-    kept = progress["counts"].get("ok", 0) + sum(n for s, n in progress["counts"].items() if s.startswith("note:"))
-    if kept == 0:
-        raise UserError(f"'{input}' has no usable rows for max_seq_len={max_seq_len} (counts: {progress['counts']})")
-    index = {**settings, **progress, "complete": True}
-    _write_index(files["index"], index)
-    log(f"tokenize: cache {files['index']} with {progress['n_rows']} rows ({kept} kept), {progress['n_tokens']} tokens, "
-        f"resumed from unit {resumed_from}; rows by status: {progress['counts']}")
-    return index
-
-
 # ---------------------------------------------------------------- reading
 
 class CachedSamples:
     """Samples of a tokenize-once cache, in the same order as the on-the-fly reader of its source."""
 
-    def __init__(self, index_path: str, cfg, tokenizer, shuffle: bool = True, name: str = ""):
-        from .token_file import split_prefix
-
+    def __init__(self, index_path: str, options: DataOptions, tokenizer, shuffle: bool = True, name: str = ""):
         self.files = cache_files(split_prefix(index_path))
         index = _read_index(self.files["index"])
         fix = "rebuild it with `train_low_mem.py prepare tokenize` (the same command resumes an interrupted one)"
@@ -199,9 +66,9 @@ class CachedSamples:
             raise UserError(f"'{self.files['index']}' is not a tokenize-once cache of this version; {fix}")
         if not index.get("complete"):
             raise UserError(f"cache '{self.files['index']}' is incomplete (tokenization was interrupted); {fix}")
-        self._check_settings(self.files["index"], index, cfg, tokenizer)
+        self._check_settings(self.files["index"], index, options, tokenizer)
         self.index, self.name, self.shuffle = index, name, shuffle
-        self.seed, self.buffer_size = cfg.seed, max(1, cfg.dataloader_buffer_size)
+        self.seed, self.buffer_size = options.seed, max(1, options.buffer_size)
         self.dtype = np.dtype(index["dtype"])
         self.paths = [self.files["index"]]
         self.unit_rows = [u[2] for u in index["units"]]
@@ -219,10 +86,11 @@ class CachedSamples:
         self._window: tuple | None = None
 
     @staticmethod
-    def _check_settings(path: str, index: dict, cfg, tokenizer) -> None:
+    def _check_settings(path: str, index: dict, options: DataOptions, tokenizer) -> None:
         wanted = {"tokenizer_sha256": tokenizer_hash(tokenizer.name_or_path) if os.path.isdir(str(tokenizer.name_or_path))
                   else index["tokenizer_sha256"], "chat_template_sha256": template_hash(tokenizer),
-                  "max_seq_len": cfg.max_seq_len, "train_on": cfg.train_on, "train_on_prompt": cfg.train_on_prompt}
+                  "max_seq_len": options.max_seq_len, "train_on": options.train_on,
+                  "train_on_prompt": options.train_on_prompt}
         for key in CHECKED:
             if index.get(key) != wanted[key]:
                 what = {"tokenizer_sha256": "another tokenizer", "chat_template_sha256": "another chat template"}.get(

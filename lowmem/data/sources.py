@@ -9,14 +9,15 @@ weight (`data/zh/:0.7,code/*.parquet:0.2,qa.parquet:0.1`) makes each entry a dat
 mixture; a `--config` file can list them as `datasets: [{path, weight, name, <x>_column, format}]`.
 
 A file's container is read from its first bytes (parquet magic, JSON lines, a token-file index) and its
-kind from its columns (the same rule for parquet columns and jsonl fields):
+kind from its columns (the same rule for parquet columns and jsonl fields; a jsonl's fields are the keys
+of its first HEAD_ROWS rows together, so a first row missing a field does not decide the kind):
   messages / conversations   multi-turn chat (OpenAI roles, or ShareGPT from/value)
   user_id + target           user-modeling records (lowmem/data/sft.py)
   prompt + response          single-turn SFT
   text                       plain text (pretraining)
 plus packed token files (`prepare tokenize` of text) and tokenize-once SFT caches (`prepare tokenize` of
 SFT data). Column names come from --prompt_column/--response_column/--text_column/--messages_column or
-a dataset's own `<x>_column`. A new format is one entry in KIND_COLUMNS and a reader class.
+a dataset's own `<x>_column`. A new format is one rule in detect_kind and a reader class.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from .options import Columns, DataOptions
 
 PRETRAIN_KINDS = ("text", "tokens")
 SFT_KINDS = ("prompt_response", "messages", "sharegpt", "records", "sft_cache")
@@ -34,6 +36,7 @@ KINDS = PRETRAIN_KINDS + SFT_KINDS + ("prompts",)  # prompts: a prompt column al
 TABLE_FORMATS = ("parquet", "jsonl")
 COLUMN_FLAGS = ("prompt_column", "response_column", "text_column", "messages_column")
 SPEC_KEYS = ("path", "weight", "name", "format") + COLUMN_FLAGS
+HEAD_ROWS = 1000  # jsonl rows whose keys, together, decide the file's columns (a bounded read, never the file)
 _WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>\d+(\.\d*)?([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$")
 
 
@@ -47,8 +50,16 @@ class DatasetSpec:
     columns: dict[str, str] = field(default_factory=dict)  # prompt_column etc. that differ from the flags
     format: str | None = None  # a kind from KINDS that overrides detection
 
-    def column(self, cfg, flag: str) -> str:
-        return self.columns.get(flag) or getattr(cfg, flag, flag.replace("_column", ""))
+    def column(self, columns: Columns, flag: str) -> str:
+        return self.columns.get(flag) or getattr(columns, flag)
+
+
+@dataclass
+class DataInputs:
+    """The datasets a run reads, parsed once from its data arguments."""
+
+    train: list[DatasetSpec]
+    validation: list[DatasetSpec]
 
 
 # ---------------------------------------------------------------- what a data argument names
@@ -79,64 +90,122 @@ def _directory_files(directory: str) -> list[str]:
     return sorted(files)
 
 
-def expand(entry: str, flag: str) -> list[str]:
-    """The files one entry names: itself, a directory's data files, or a glob's matches (sorted)."""
+def _report(problems: list[str] | None, message: str) -> None:
+    """Raise the problem, or add it to `problems` when the caller collects them all for one message."""
+    if problems is None:
+        raise UserError(message)
+    problems.append(message)
+
+
+def expand(entry: str, flag: str, problems: list[str] | None = None) -> list[str]:
+    """The files one entry names: itself, a directory's data files, or a glob's matches (sorted).
+
+    With `problems`, a missing entry is added there and gives [] instead of raising.
+    """
     entry = entry.strip()
     if os.path.isdir(entry):
         files = _directory_files(entry)
         if not files:
-            raise UserError(f"--{flag}: directory '{entry}' holds no .parquet, .jsonl or token .bin files")
+            _report(problems, f"--{flag}: directory '{entry}' holds no .parquet, .jsonl or token .bin files")
         return files
     if any(ch in entry for ch in "*?["):
         files = sorted(p for p in glob.glob(entry) if os.path.isfile(p))
         if not files:
-            raise UserError(f"--{flag}: the pattern '{entry}' matches no file")
+            _report(problems, f"--{flag}: the pattern '{entry}' matches no file")
         return files
     if os.path.isfile(entry):
         return [entry]
     for suffix in (".bin", ".json"):  # a token file or SFT cache named by its prefix
         if os.path.isfile(entry + suffix) and _is_token_index(entry + ".json"):
             return [entry + ".json"]
-    raise UserError(f"--{flag}: data file '{entry}' does not exist; check the path")
+    _report(problems, f"--{flag}: data file '{entry}' does not exist; check the path")
+    return []
 
 
-def parse_data_arg(value: str, flag: str) -> list[DatasetSpec]:
-    """Datasets named by one data argument (see the module docstring); [] for an empty argument."""
+def parse_data_arg(value: str, flag: str, problems: list[str] | None = None) -> list[DatasetSpec]:
+    """Datasets named by one data argument (see the module docstring); [] for an empty argument.
+
+    With `problems`, every problem is added there (and the datasets it concerns left out) instead of raising.
+    """
     entries = [e.strip() for e in str(value or "").split(",") if e.strip()]
     if not entries:
         return []
     weighted = [_WEIGHTED.match(e) for e in entries]
     if not any(weighted):
-        return [DatasetSpec([p for e in entries for p in expand(e, flag)], _dataset_name(entries[0]))]
+        paths = [p for e in entries for p in expand(e, flag, problems)]
+        return [DatasetSpec(paths, _dataset_name(entries[0]))] if paths else []
     if not all(weighted):
         bare = entries[weighted.index(None)]
-        raise UserError(f"--{flag}: '{bare}' has no weight while other entries do; give every dataset of a mixture "
-                        "a weight (path:0.5,...) or none (then all files form one dataset)")
-    specs = [DatasetSpec(expand(m["path"], flag), _dataset_name(m["path"]), float(m["weight"])) for m in weighted]
+        _report(problems, f"--{flag}: '{bare}' has no weight while other entries do; give every dataset of a "
+                          "mixture a weight (path:0.5,...) or none (then all files form one dataset)")
+        for m, e in zip(weighted, entries):  # still name the paths that are missing
+            expand(m["path"] if m else e, flag, problems)
+        return []
+    specs = []
+    for m in weighted:
+        paths = expand(m["path"], flag, problems)
+        if paths:
+            specs.append(DatasetSpec(paths, _dataset_name(m["path"]), float(m["weight"])))
     return _unique_names(specs)
 
 
-def specs_from_list(items: list, flag: str) -> list[DatasetSpec]:
-    """Datasets listed in a config file: [{path, weight, name, prompt_column, ..., format}]."""
+def specs_from_list(items: list, flag: str, problems: list[str] | None = None) -> list[DatasetSpec]:
+    """Datasets listed in a config file: [{path, weight, name, prompt_column, ..., format}].
+
+    With `problems`, every bad entry is added there (and left out) instead of raising.
+    """
     specs = []
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict) or "path" not in item:
-            raise UserError(f"{flag} entry {number} must be a mapping with a 'path' (and a 'weight'), got {item!r}")
+            _report(problems, f"{flag} entry {number} must be a mapping with a 'path' (and a 'weight'), got {item!r}")
+            continue
         unknown = sorted(set(item) - set(SPEC_KEYS))
+        wrong = []
         if unknown:
-            raise UserError(f"{flag} entry {number} has unknown key(s) {', '.join(unknown)}; valid: {', '.join(SPEC_KEYS)}")
+            wrong.append(f"{flag} entry {number} has unknown key(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(SPEC_KEYS)}")
         if item.get("format") is not None and item["format"] not in KINDS:
-            raise UserError(f"{flag} entry {number}: format '{item['format']}' is unknown; choose one of {', '.join(KINDS)}")
+            wrong.append(f"{flag} entry {number}: format '{item['format']}' is unknown; "
+                         f"choose one of {', '.join(KINDS)}")
         weight = item.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
-            raise UserError(f"{flag} entry {number}: weight must be a number, got {weight!r}")
-        paths = [p for e in str(item["path"]).split(",") if e.strip() for p in expand(e, flag)]
+            wrong.append(f"{flag} entry {number}: weight must be a number, got {weight!r}")
+        for message in wrong:
+            _report(problems, message)
+        paths = [p for e in str(item["path"]).split(",") if e.strip() for p in expand(e, flag, problems)]
+        if wrong or not paths:
+            continue
         specs.append(DatasetSpec(paths, str(item.get("name") or _dataset_name(str(item["path"]).split(",")[0])),
                                  None if weight is None else float(weight),
                                  {k: str(item[k]) for k in COLUMN_FLAGS if item.get(k)}, item.get("format")))
-    if len(specs) > 1 and any(s.weight is None for s in specs):
-        raise UserError(f"{flag}: with several datasets every one needs a weight")
+    if len(items) > 1 and any(isinstance(i, dict) and i.get("weight") is None for i in items):
+        _report(problems, f"{flag}: with several datasets every one needs a weight")
     return _unique_names(specs)
+
+
+def parse_inputs(train_file: str, datasets: list[dict], validation_file: str, validation_datasets: list[dict],
+                 held_out_split: bool, problems: list[str] | None = None) -> DataInputs:
+    """The training and validation datasets of a run, with every problem of both arguments named at once.
+
+    A `datasets` list wins over train_file and `validation_datasets` over validation_file. With
+    held_out_split (records split off their own validation part with --val_ratio) no validation argument
+    is read. Problems go into `problems` when given (the caller adds its own and raises once); otherwise
+    they raise here as one UserError.
+    """
+    found: list[str] = []
+    train = specs_from_list(datasets, "datasets", found) if datasets else \
+        parse_data_arg(train_file, "train_file", found)
+    if held_out_split:
+        validation = []
+    elif validation_datasets:
+        validation = specs_from_list(validation_datasets, "validation_datasets", found)
+    else:
+        validation = parse_data_arg(validation_file, "validation_file", found)
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise UserError(f"{len(found)} input(s) missing: " + "; ".join(found))
+    return DataInputs(train, validation)
 
 
 def _unique_names(specs: list[DatasetSpec]) -> list[DatasetSpec]:
@@ -170,8 +239,8 @@ def container(path: str) -> str:
                     "`train_low_mem.py prepare convert` (csv/json/txt) or `prepare tokenize`")
 
 
-def first_row(path: str, fmt: str) -> dict:
-    """The first row of a table file (for its field names and the shape of a messages column)."""
+def head_rows(path: str, fmt: str, limit: int = HEAD_ROWS) -> list[dict]:
+    """The first readable rows of a table file: up to `limit` jsonl objects, or a parquet file's first row."""
     if fmt == "parquet":
         from .tables import open_parquet
 
@@ -179,28 +248,33 @@ def first_row(path: str, fmt: str) -> dict:
         for batch in pf.iter_batches(batch_size=1):
             rows = batch.to_pylist()
             if rows:
-                return rows[0]
-        return {name: None for name in pf.schema_arrow.names}
+                return rows
+        return [{name: None for name in pf.schema_arrow.names}]
     from .tables import parse_jsonl_line
 
+    rows = []
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 row = parse_jsonl_line(line)
                 if "_skip" not in row:
-                    return row
-    return {}
+                    rows.append(row)
+                    if len(rows) >= limit:
+                        break
+    return rows
 
 
 def field_names(path: str, fmt: str) -> list[str]:
+    """A parquet file's columns; a jsonl file's keys over its first HEAD_ROWS rows (a first row may lack some)."""
     if fmt == "parquet":
         from .tables import open_parquet
 
         return list(open_parquet(path).schema_arrow.names)
-    return list(first_row(path, fmt))
+    return list(dict.fromkeys(key for row in head_rows(path, fmt) for key in row))
 
 
-def _looks_sharegpt(value) -> bool:
+def _looks_sharegpt(path: str, fmt: str, column: str) -> bool:
+    value = next((row[column] for row in head_rows(path, fmt) if row.get(column) is not None), None)
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -209,17 +283,17 @@ def _looks_sharegpt(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "from" in value[0]
 
 
-def detect_kind(path: str, fmt: str, spec: DatasetSpec, cfg) -> tuple[str, dict[str, str]]:
+def detect_kind(path: str, fmt: str, spec: DatasetSpec, columns: Columns) -> tuple[str, dict[str, str]]:
     """(kind, canonical key -> column) of a table file, by its columns: the one column rule."""
     names = field_names(path, fmt)
-    col = {flag: spec.column(cfg, flag) for flag in COLUMN_FLAGS}
+    col = {flag: spec.column(columns, flag) for flag in COLUMN_FLAGS}
     system = {"system": "system"} if "system" in names else {}
     forced = spec.format
     if forced in (None, "messages", "sharegpt"):
         for column in (col["messages_column"], "messages", "conversations"):
             if column in names:
                 sharegpt = forced == "sharegpt" or (forced is None and (column == "conversations"
-                                                                        or _looks_sharegpt(first_row(path, fmt).get(column))))
+                                                                        or _looks_sharegpt(path, fmt, column)))
                 return ("sharegpt", {"conversations": column, **system}) if sharegpt else \
                     ("messages", {"messages": column, **system})
     if forced in (None, "records") and {"user_id", "target"} <= set(names):
@@ -249,8 +323,8 @@ class Dataset:
         return self.spec.name
 
 
-def open_dataset(spec: DatasetSpec, cfg, tokenizer=None, is_encoder_decoder: bool = False, shuffle: bool = True,
-                 flag: str = "train_file", log=print) -> Dataset:
+def open_dataset(spec: DatasetSpec, options: DataOptions, tokenizer=None, is_encoder_decoder: bool = False,
+                 shuffle: bool = True, flag: str = "train_file", log=print) -> Dataset:
     """The sample source of one dataset; every file of it must hold the same kind of data."""
     formats = {p: container(p) for p in spec.paths}
     kinds = set(formats.values())
@@ -262,70 +336,30 @@ def open_dataset(spec: DatasetSpec, cfg, tokenizer=None, is_encoder_decoder: boo
     if fmt == "tokens":
         from .stream import TokenWindows
 
-        return Dataset(spec, "tokens", TokenWindows(spec.paths, cfg.max_seq_len, cfg.seed, shuffle, spec.name))
+        windows = TokenWindows(spec.paths, options.max_seq_len, options.seed, shuffle, spec.name)
+        return Dataset(spec, "tokens", windows)
     if fmt == "sft_cache":
         from .sft_cache import CachedSamples
 
         if len(spec.paths) != 1:
             raise UserError(f"--{flag}: pass one tokenize-once cache per dataset, got {len(spec.paths)}")
-        cache = CachedSamples(spec.paths[0], cfg, tokenizer, shuffle, spec.name)
+        cache = CachedSamples(spec.paths[0], options, tokenizer, shuffle, spec.name)
         return Dataset(spec, "sft_cache", cache)
     nonempty = [p for p in spec.paths if os.path.getsize(p) > 0]
     if not nonempty:
         listed = ", ".join(f"'{p}'" for p in spec.paths[:3]) + (" ..." if len(spec.paths) > 3 else "")
         raise UserError(f"--{flag}: data file {listed} is empty (0 bytes); point it at data")
-    kind, columns = detect_kind(nonempty[0], fmt, spec, cfg)
+    kind, columns = detect_kind(nonempty[0], fmt, spec, options.columns)
     if kind == "records":
         from .sft import open_records
 
-        return Dataset(spec, "records", open_records(spec.paths, cfg, tokenizer, is_encoder_decoder, shuffle, log))
+        records = open_records(spec.paths, options, tokenizer, is_encoder_decoder, shuffle, log)
+        return Dataset(spec, "records", records)
     from .tables import ShardTable
 
-    table = ShardTable(spec.paths, columns, fmt, cfg.dataloader_buffer_size, cfg.seed, shuffle, spec.name)
+    table = ShardTable(spec.paths, columns, fmt, options.buffer_size, options.seed, shuffle, spec.name)
     return Dataset(spec, kind, table)
 
 
 def data_group(kind: str) -> str:
     return "pretraining" if kind in PRETRAIN_KINDS else "SFT"
-
-
-def missing_inputs(cfg) -> list[str]:
-    """Every input path of a run that is not there, so one message can name them all before anything starts."""
-    from ..demo import DEMO_FILES, DEMO_TOKENIZER
-
-    def is_demo(path: str, demo: str) -> bool:
-        return os.path.normpath(path) == os.path.normpath(demo)
-
-    problems = []
-    data_args = [("train_file", cfg.train_file)] if not cfg.datasets else \
-        [("datasets", str(d.get("path", ""))) for d in cfg.datasets if isinstance(d, dict)]
-    if cfg.val_ratio > 0:
-        pass  # records split off their own validation part; a preset's validation_file is not read
-    elif not cfg.validation_datasets:
-        data_args.append(("validation_file", cfg.validation_file))
-    else:
-        data_args += [("validation_datasets", str(d.get("path", ""))) for d in cfg.validation_datasets
-                      if isinstance(d, dict)]
-    for flag, value in data_args:
-        if is_demo(value, DEMO_FILES["train"]) or is_demo(value, DEMO_FILES["valid"]):
-            continue  # the bundled demo data is generated on first use
-        for entry in (e for e in str(value).split(",") if e.strip()):
-            path = _WEIGHTED.match(entry.strip())["path"] if _WEIGHTED.match(entry.strip()) else entry
-            try:
-                expand(path, flag)
-            except UserError as exc:
-                problems.append(str(exc))
-    if cfg.test_file and not os.path.exists(cfg.test_file) and not is_demo(cfg.test_file, DEMO_FILES["test"]):
-        problems.append(f"--test_file: '{cfg.test_file}' does not exist (empty string: no test answering)")
-    tokenizer_dir = cfg.tokenizer_dir or cfg.finetune_from_ckp_file
-    if tokenizer_dir and not os.path.isdir(tokenizer_dir) and not is_demo(tokenizer_dir, DEMO_TOKENIZER):
-        problems.append(f"--tokenizer_dir: '{tokenizer_dir}' does not exist (train one with `prepare train_tokenizer`)")
-    if cfg.finetune_from_ckp_file and not os.path.isfile(os.path.join(cfg.finetune_from_ckp_file, "config.json")):
-        problems.append(f"--finetune_from_ckp_file: '{cfg.finetune_from_ckp_file}' is not a model directory "
-                        "(no config.json)")
-    if cfg.deepspeed:
-        from ..distributed import resolve_path
-
-        if not os.path.isfile(resolve_path(cfg.deepspeed)):
-            problems.append(f"--deepspeed: '{cfg.deepspeed}' does not exist")
-    return problems

@@ -74,16 +74,9 @@ class TokenWindows:
         return max(f.vocab_size for f in self.files)
 
     def check_ids(self, vocab_size: int) -> None:
-        """Refuse, before step 1, token files whose ids the model's embedding cannot hold."""
+        """Refuse, before step 1 or scoring, token files whose ids the model's embedding cannot hold."""
         for f in self.files:
-            if f.vocab_size > vocab_size:
-                raise UserError(f"token file '{f.path}' was made with a vocabulary of {f.vocab_size} entries, but the "
-                                f"model has {vocab_size}; tokenize it again with this run's tokenizer")
-            largest = f.max_token_id()
-            if largest >= vocab_size:
-                raise UserError(f"token file '{f.path}' holds token id {largest}, but the model's vocabulary has "
-                                f"{vocab_size} entries; tokenize it again with this run's tokenizer "
-                                f"(`prepare tokenize --tokenizer_dir=...`) or train with the tokenizer it was made with")
+            f.check_ids(vocab_size)
 
     def sample(self, epoch: int, index: int) -> dict:
         if self._order is None or self._order[0] != epoch:

@@ -310,6 +310,21 @@ class TokenFile:
         step = 1 << 24
         return max((int(self.tokens[i:i + step].max()) for i in range(0, self.n_tokens, step)), default=-1)
 
+    def check_ids(self, vocab_size: int) -> None:
+        """Refuse, before any id reaches an embedding, a file whose ids its own index or the model cannot hold."""
+        largest = self.max_token_id()
+        if largest >= self.vocab_size:
+            raise UserError(f"token file '{self.path}': the index says vocab_size {self.vocab_size} but the file holds "
+                            f"id {largest}: it was written with another tokenizer or is corrupt; tokenize it again "
+                            "(`train_low_mem.py prepare tokenize`)")
+        if self.vocab_size > vocab_size:
+            raise UserError(f"token file '{self.path}' was made with a vocabulary of {self.vocab_size} entries, but "
+                            f"the model has {vocab_size}; tokenize it again with this run's tokenizer")
+        if largest >= vocab_size:
+            raise UserError(f"token file '{self.path}' holds token id {largest}, but the model's vocabulary has "
+                            f"{vocab_size} entries; tokenize it again with this run's tokenizer "
+                            f"(`prepare tokenize --tokenizer_dir=...`) or train with the tokenizer it was made with")
+
     def __repr__(self) -> str:
         return (f"TokenFile({self.path!r}, n_tokens={self.n_tokens}, dtype={self.dtype.name}, "
                 f"vocab_size={self.vocab_size})")

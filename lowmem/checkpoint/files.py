@@ -2,13 +2,14 @@
 
 manifest.json (written last, so its presence marks a complete checkpoint) lists every file with its
 size and a BLAKE2b-128 hash of its bytes, read back after the write and fsync, so what is verified is
-what reached the disk. `verify` recomputes them: a truncated, bit-flipped or missing file, or one
-whose safetensors header does not parse, makes the checkpoint unusable, and resume falls back to the
-previous one. Checkpoints written before hashes were recorded are verified by size.
+what reached the disk, and the parts a complete checkpoint of the run holds (model/, optimizer, scheduler,
+train state, every process's RNG state, ema/). `verify` recomputes them: a truncated, bit-flipped or
+missing file, a part missing altogether, or a file whose safetensors header does not parse makes the
+checkpoint unusable, and resume falls back to the previous one. Checkpoints written before hashes were
+recorded are verified by size.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,24 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import DiskFull, UserError
 
 MANIFEST, TRAIN_STATE = "manifest.json", "train_state.json"
 PREFIX, TMP_PREFIX, BEST = "step_", ".tmp_step_", "best"
 HASH = "blake2b-128"
 _CHUNK = 8 << 20
-
-
-class DiskFull(UserError):
-    """A write failed for lack of space; what was there before is intact."""
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, also when torch or safetensors wrap it in their own exception types."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc).lower()
-    return "no space left" in text or "disk quota" in text or "file write failed" in text
 
 
 def file_hash(path: str) -> str:
@@ -59,15 +48,19 @@ def _hash_all(path: str, rels: list[str]) -> dict[str, str]:
         return dict(zip(rels, pool.map(lambda rel: file_hash(os.path.join(path, rel)), rels)))
 
 
-def write_manifest(path: str) -> dict:
-    """fsync every file, then record its size and hash; the manifest itself is fsynced last."""
+def write_manifest(path: str, holds: list[str]) -> dict:
+    """fsync every file, then record its size and hash; the manifest itself is fsynced last.
+
+    `holds` names what a complete checkpoint of this run has (files, or folders ending in /), so a part
+    missing from the disk and from the file list alike is still found missing.
+    """
     rels = _files(path)
     for rel in rels:
         with open(os.path.join(path, rel), "rb") as f:
             os.fsync(f.fileno())
     hashes = _hash_all(path, rels)
-    manifest = {"hash": HASH, "files": {rel: {"size": os.path.getsize(os.path.join(path, rel)), "hash": hashes[rel]}
-                                        for rel in rels}}
+    manifest = {"hash": HASH, "holds": holds,
+                "files": {rel: {"size": os.path.getsize(os.path.join(path, rel)), "hash": hashes[rel]} for rel in rels}}
     with open(os.path.join(path, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -89,6 +82,10 @@ def verify(path: str, hashes: bool = True) -> None:
         raise ValueError(f"{MANIFEST} is unreadable ({exc})") from None
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else \
         {rel: {"size": size} for rel, size in manifest.items()}  # size-only manifests of earlier versions
+    holds = manifest.get("holds", [])
+    for part in holds:
+        if part not in files and not any(rel.startswith(part) for rel in files if part.endswith("/")):
+            raise ValueError(f"{part} is missing (a complete checkpoint of this run holds {', '.join(holds)})")
     for rel, entry in files.items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
@@ -170,3 +167,28 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_checkpoints(path: str) -> int:
+    """`train_low_mem.py check_checkpoint DIR`: verify one checkpoint, a checkpoints dir or a run dir; 0 if all pass."""
+    path = str(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        targets = [path]
+    else:
+        root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        complete, incomplete = list_checkpoints(root)
+        targets = complete + [p for p in [os.path.join(root, BEST)] if os.path.isfile(os.path.join(p, MANIFEST))]
+        for partial in incomplete:
+            print(f"INCOMPLETE {partial} (no manifest: a save that did not finish; resume ignores it)")
+        if not targets and not incomplete:
+            raise UserError(f"'{path}' holds no checkpoint (looked for manifest.json and step_* directories)")
+    failed = 0
+    for target in targets:
+        try:
+            verify(target)
+            step = read_train_state(target).get("step", "?")
+            print(f"OK {target} (step {step}, {checkpoint_bytes(target) / 2**20:.1f} MiB)")
+        except (OSError, ValueError) as exc:
+            failed += 1
+            print(f"FAILED {target}: {str(exc).splitlines()[0]}")
+    return 2 if failed else 0

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def sharded_kind(accelerator) -> str | None:
@@ -25,7 +25,7 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the real one
 
 
-def save_sharded_optimizer(accelerator, model, optimizer, directory: str) -> None:
+def save_sharded_optimizer(accelerator, model, optimizer, directory: str, frozen_base: bool) -> None:
     """Sharded optimizer state; every process must call this.
 
     DeepSpeed: the engine writes its own files into `deepspeed/` (each rank its ZeRO partition of the
@@ -33,11 +33,9 @@ def save_sharded_optimizer(accelerator, model, optimizer, directory: str) -> Non
     and saved as optimizer.pt, as without sharding.
     """
     if sharded_kind(accelerator) == "deepspeed":
-        from .adapters import is_peft_model
-
         # LoRA: the frozen base is rebuilt on resume; only the trained weights go into the engine's module file
         model.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", save_latest=False,
-                              exclude_frozen_parameters=is_peft_model(accelerator.unwrap_model(model)))
+                              exclude_frozen_parameters=frozen_base)
         if accelerator.is_main_process:
             with open(os.path.join(directory, "deepspeed", "layout.json"), "w", encoding="utf-8") as f:
                 json.dump(_deepspeed_layout(accelerator), f)
@@ -77,7 +75,7 @@ def check_layout(accelerator, path: str) -> None:
                         "model/ with --finetune_from_ckp_file")
 
 
-def load_sharded(accelerator, path: str, model, optimizer) -> None:
+def load_sharded(accelerator, path: str, model, optimizer, weights_format) -> None:
     """Weights and optimizer state saved by `save_sharded_optimizer`; every process must call this.
 
     DeepSpeed restores the weights from its fp32 master partitions (the engine unpickles its own files,
@@ -90,19 +88,15 @@ def load_sharded(accelerator, path: str, model, optimizer) -> None:
         if loaded is None:
             raise ValueError("the DeepSpeed state in deepspeed/state is missing")
         return
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    from .weights import read_safetensors
 
     weights, optim_state = {}, {}
     if accelerator.is_main_process:
-        model_dir = os.path.join(path, "model")
-        for name in sorted(os.listdir(model_dir)):
-            if name.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(model_dir, name)))
-        from .adapters import is_peft_model, under_module_names
-
-        if is_peft_model(accelerator.unwrap_model(model)):  # adapter files name weights without the adapter
-            weights = under_module_names(accelerator.unwrap_model(model), weights)
+        # adapter files name weights without the adapter name: the format puts it back
+        unwrapped = accelerator.unwrap_model(model)
+        weights = weights_format.sharded_names(unwrapped, read_safetensors(os.path.join(path, "model")))
         optim_state = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, weights, options=options)
