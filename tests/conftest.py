@@ -93,6 +93,41 @@ def cli(args, cwd=None, timeout=1800, env=None, launcher=None):
     return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def cli_here(args, cwd=None):
+    """`train_low_mem.py args` run in this process, as `cli` returns it (exit code, stdout, stderr): for what one
+    process of the command line does and says, where a new interpreter would add only its start-up time. Checks of
+    what a fresh interpreter prints (import notices), of the environment, or of launchers use `cli`."""
+    import contextlib
+    import io
+
+    import train_low_mem
+    from lowmem.errors import UserError
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    _reset_accelerate()
+    try:
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = train_low_mem.run_command_line(list(args))
+            except UserError as exc:  # what main() prints
+                print(f"error: {exc}", file=sys.stderr)
+                code = 2
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+        _reset_accelerate()
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def two_processes(config: str = "cpu.yaml") -> list[str]:
     """`accelerate launch` of 2 CPU processes on a free port (tests may run side by side)."""
     import socket
@@ -251,3 +286,22 @@ def qwen3_moe_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def mixtral_dir(tmp_path_factory, tokenizer_dir):
     return write_moe_dir(str(tmp_path_factory.mktemp("mixtral") / "model"), "mixtral", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir):
+    """The tiny preset's Llama, built once under a fixed seed and saved with the tokenizer: a local base model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from config import TrainConfig
+    from lowmem.model import _hf_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_hf_config(TrainConfig(max_seq_len=64), len(tokenizer), special))
+    path = str(tmp_path_factory.mktemp("llama") / "model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO, cli, flags, run_in_process, tiny_config, write_qa_parquet
+from conftest import REPO, cli, cli_here, flags, run_in_process, tiny_config, write_qa_parquet
 from test_resume import losses, resume, start, wait_for_step
 
 from lowmem.errors import UserError
@@ -212,7 +212,7 @@ def test_module_names_are_checked_against_the_model(tokenizer_dir, values, needl
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine QLoRA runs (test_qlora_trains_on_a_gpu)")
 def test_qlora_on_cpu_is_a_one_line_error(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, lora_r=8, qlora=True, max_steps=2)
-    result = cli(["train", *flags(cfg)], cwd=str(tmp_path))
+    result = cli_here(["train", *flags(cfg)], cwd=str(tmp_path))
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--qlora=True cannot run here: it needs a CUDA GPU" in errors[0]
@@ -291,17 +291,19 @@ def _launch(config_file: str, cfg, tmp_path) -> str:
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two GPUs on CUDA")
 @pytest.mark.parametrize("config_file", ["cpu.yaml", "deepspeed_zero3.yaml"])
-def test_two_processes_train_resume_and_export(tmp_path, tokenizer_dir, qa_files, config_file):
-    """Data parallel and ZeRO-3: 4 steps straight equal 2 steps + resume + 2, and the merged export loads."""
+def test_two_processes_train_resume_and_export(tmp_path, llama_dir, qa_files, config_file):
+    """Data parallel and ZeRO-3: 2 steps + resume + 2 on two processes x 4 samples end where one process x 8 samples
+    does after 4 straight, and the merged export loads."""
     if config_file.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
+    # no dropout: one process draws other masks than two (the resume's own exactness is tested with dropout above)
     options = dict(LORA, learn_rate=1e-3, warmup_steps=2, lr_scheduler="constant", mixed_precision="no",
-                   batch_size_per_gpu=4, save_steps=2, train_file=qa_files["train_file"])
-    straight = tiny_config(tmp_path / "straight", tokenizer_dir, {}, **dict(options, max_steps=4))
-    halves = tiny_config(tmp_path / "halves", tokenizer_dir, {}, **dict(options, max_steps=2))
-    _launch(config_file, straight, tmp_path)
+                   save_steps=2, train_file=qa_files["train_file"], finetune_from_ckp_file=llama_dir, lora_dropout=0.0)
+    straight = tiny_config(tmp_path / "straight", "", {}, **dict(options, max_steps=4, batch_size_per_gpu=8))
+    halves = tiny_config(tmp_path / "halves", "", {}, **dict(options, max_steps=2, batch_size_per_gpu=4))
+    run_in_process(straight)
     _launch(config_file, halves, tmp_path)
     assert "resumed from" in _launch(config_file, dataclasses.replace(halves, max_steps=4, is_keep_training=True),
                                      tmp_path)

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import cli, flags, tiny_config
+from conftest import cli_here, flags, tiny_config
 
 from config import TrainConfig
 from lowmem import attention
@@ -195,7 +195,7 @@ def test_auto_decision_on_cuda(monkeypatch):
 def test_cli_refuses_flash_attention_without_flash_attn_in_one_line(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2, warmup_steps=0,
                       attn_implementation="flash_attention_2")
-    result = cli(["train", *flags(cfg)])
+    result = cli_here(["train", *flags(cfg)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     message = [line for line in result.stderr.splitlines() if "flash_attention_2" in line]
     assert len(message) == 1 and "flash-attn" in message[0], result.stderr[-2000:]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import cli, flags, read_jsonl, run_in_process, tiny_config
+from conftest import cli_here, flags, read_jsonl, run_in_process, tiny_config
 
 from lowmem import chunked_loss
 from lowmem.errors import UserError
@@ -82,7 +82,7 @@ def test_combinations_that_cannot_work_are_refused(tmp_path, tokenizer_dir, qa_f
     from lowmem import distributed
 
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=1)
-    result = cli(["train", *flags(cfg, "--chunked_cross_entropy=True", "--use_liger_kernel=True")])
+    result = cli_here(["train", *flags(cfg, "--chunked_cross_entropy=True", "--use_liger_kernel=True")])
     assert result.returncode == 2 and "pick one" in result.stderr and "Traceback" not in result.stderr
     cfg.chunked_cross_entropy = True
     with pytest.raises(UserError, match="ZeRO stage 2"):

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import typing
 
@@ -257,3 +258,23 @@ def test_tiny_train_prints_no_third_party_import_notices(tmp_path, tokenizer_dir
                   "[WARNING]"):
         assert noise not in output, output[-3000:]
     assert "model llama built from preset tiny" in result.stdout and "done:" in result.stdout  # ours still show
+
+
+def test_a_word_that_is_no_flag_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, "train", f"--output_dir={tmp_path}", "--max_steps=2",
+                              "extra_positional")
+    assert code == 2 and "'extra_positional' is not one" in one_error_line(err)
+    assert not os.listdir(tmp_path)  # nothing was built or written
+    code, out, _ = run_main(monkeypatch, capsys, "show_config", "--learn_rate", "-1e-3")
+    assert code == 2  # a negative number is the value of the flag before it, not a stray word
+
+
+def test_records_only_flags_on_other_data_are_refused():
+    from lowmem.session import check_flags_apply
+
+    for flag, value in (("val_ratio", 0.2), ("max_samples_per_user", 1)):
+        with pytest.raises(UserError, match=rf"^--{flag}={value} applies to user-modeling records .* this run's "
+                                            r"training data is prompt_response"):
+            check_flags_apply(TrainConfig(**{flag: value}), {"prompt_response"})
+    check_flags_apply(TrainConfig(val_ratio=0.2), {"records"})
+    check_flags_apply(TrainConfig(), {"prompt_response"})

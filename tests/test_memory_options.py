@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import cli, env_without, flags, read_jsonl, run_in_process, tiny_config
+from conftest import cli, cli_here, env_without, flags, read_jsonl, run_in_process, tiny_config
 
 from lowmem.autobatch import largest_fitting, split_global_batch
 from lowmem.errors import UserError
@@ -41,7 +41,7 @@ def test_nothing_fits_is_a_clear_error():
 
 def test_auto_batch_size_needs_cuda_on_cpu(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2)
-    result = cli(["train", *flags(cfg, "--auto_batch_size=True")])
+    result = cli_here(["train", *flags(cfg, "--auto_batch_size=True")])
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -86,7 +86,7 @@ def test_compact_optimizer_without_torchao_is_one_line(tmp_path, tokenizer_dir, 
 
 def test_liger_kernel_on_cpu_is_one_line(tmp_path, tokenizer_dir, qa_files):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=2, use_liger_kernel=True)
-    result = cli(["train", *flags(cfg)])
+    result = cli_here(["train", *flags(cfg)])
     assert result.returncode == 2 and "liger" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -89,20 +89,26 @@ def test_moe_trains_with_its_router_loss_and_says_what_it_is(tmp_path, tokenizer
 
 def test_with_the_router_loss_off_a_step_is_the_same_however_it_is_split(tmp_path, tokenizer_dir, qa_files,
                                                                         qwen3_moe_dir):
-    """8 x 1 = 4 x 2 accumulation = 2 processes x 4: the same losses and weights (the balance loss is a mean per
-    micro-batch, so only with it off is the split invisible)."""
+    """8 x 1 = 4 x 2 accumulation = 2 processes x 4 (each process on samples of its own): the same losses and weights
+    (the balance loss is a mean per micro-batch, so only with it off is the split invisible)."""
     from safetensors.torch import load_file
 
     common = dict(router_aux_loss_coef=0.0, max_steps=4, save_steps=4, validation_file="", adam_eps=1e-4)
     whole = moe_config(tmp_path / "whole", qa_files, qwen3_moe_dir, batch_size_per_gpu=8, **common)
     split = moe_config(tmp_path / "split", qa_files, qwen3_moe_dir, batch_size_per_gpu=4,
                        gradient_accumulation_steps=2, **common)
-    shared = moe_config(tmp_path / "shared", qa_files, qwen3_moe_dir, batch_size_per_gpu=4, **common)
+    shared = moe_config(tmp_path / "shared", qa_files, qwen3_moe_dir, batch_size_per_gpu=4, trace_samples=True,
+                        **common)
     for cfg in (whole, split):
         run_in_process(cfg)
     result = cli(["train", *flags(shared)], launcher=two_processes(), cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "aux_loss" not in read_jsonl(os.path.join(whole.logging_dir(), "metrics.jsonl"))[0]
+    ranks = [read_jsonl(os.path.join(shared.logging_dir(), f"samples_rank{r}.jsonl")) for r in (0, 1)]
+    seen = [[h for record in records for h in record["samples"]] for records in ranks]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # both processes took every optimizer step...
+    assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1]) == 32  # ...on samples of their own
+    assert not os.path.exists(shared.final_dir() + ".tmp")
     reference = load_file(os.path.join(whole.final_dir(), "model.safetensors"))
     for cfg in (split, shared):
         assert losses(cfg) == pytest.approx(losses(whole), rel=1e-6)

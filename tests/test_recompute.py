@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import cli, flags, read_jsonl, run_in_process, tiny_config
+from conftest import cli_here, flags, read_jsonl, run_in_process, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem import recompute
@@ -84,5 +84,5 @@ def test_trainer_losses_do_not_depend_on_the_mode(tmp_path, tokenizer_dir, qa_fi
 ])
 def test_checkpointing_flags_are_checked(tmp_path, tokenizer_dir, qa_files, extra, needle):
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=1)
-    result = cli(["train", *flags(cfg, *extra)])
+    result = cli_here(["train", *flags(cfg, *extra)])
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config, two_processes
+from conftest import REPO, cli, cli_here, flags, read_jsonl, run_in_process, tiny_config, two_processes
 
 
 
@@ -67,7 +67,10 @@ def run_cfgs(tmp_path, tokenizer_dir, qa_files):
 
 
 def resume(cfg, launcher=None):
-    result = cli(["train", *flags(cfg, "--is_keep_training=True")], launcher=launcher)
+    """The run continued with --is_keep_training=True: by a launcher, else in this process (a new process only adds
+    its start-up; what the resume restores comes from the checkpoint alone)."""
+    args = ["train", *flags(cfg, "--is_keep_training=True")]
+    result = cli(args, launcher=launcher) if launcher else cli_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

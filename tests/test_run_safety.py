@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-import torch
-from conftest import REPO, cli, flags, read_jsonl, run_in_process, tiny_config, two_processes, write_qa_parquet
+from conftest import (REPO, cli, cli_here, flags, read_jsonl, run_in_process, tiny_config, two_processes,
+                      write_qa_parquet)
 from test_resume import losses, start, wait_for_step
 
 from lowmem.checkpoint.files import complete_checkpoints, verify
@@ -53,7 +50,7 @@ def test_changed_model_shape_or_optimizer_is_refused_before_anything_is_touched(
     before = tree_digest(saved_run.run_dir()), tree_digest(saved_run.logging_dir())
     for change, needle in (("--model_preset=small", "model_preset was 'tiny', now 'small'"),
                            ("--optimizer=adafactor", "optimizer was 'adamw', now 'adafactor'")):
-        result = cli(resume_flags(saved_run, change, "--max_steps=8"))
+        result = cli_here(resume_flags(saved_run, change, "--max_steps=8"))
         assert result.returncode == 2, result.stderr[-2000:]
         assert needle in result.stderr and "Traceback" not in result.stderr
         assert (tree_digest(saved_run.run_dir()), tree_digest(saved_run.logging_dir())) == before  # byte-identical
@@ -86,11 +83,11 @@ def test_corrupted_bytes_and_headers_fall_back_and_all_broken_is_an_error(saved_
     for path in complete_checkpoints(saved_run.checkpoint_dir()):
         corrupt_byte(os.path.join(path, "optimizer.pt"), 10)
     before = tree_digest(saved_run.checkpoint_dir())
-    result = cli(resume_flags(saved_run, "--max_steps=9"))
+    result = cli_here(resume_flags(saved_run, "--max_steps=9"))
     assert result.returncode == 2 and "no usable checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("does not match its hash") >= 2
     assert tree_digest(saved_run.checkpoint_dir()) == before
-    check = cli(["check_checkpoint", saved_run.checkpoint_dir()])
+    check = cli_here(["check_checkpoint", saved_run.checkpoint_dir()])
     assert check.returncode == 2 and "optimizer.pt does not match its hash" in check.stdout + check.stderr
 
 
@@ -99,23 +96,24 @@ def test_one_owner_per_run(tmp_path, tokenizer_dir, qa_files):
                       warmup_steps=0, batch_size_per_gpu=2)
     first = start(cfg)
     wait_for_step(cfg, first, 2)
-    with ThreadPoolExecutor(2) as pool:  # a fresh start and a resume, both while the first one trains
-        second, also_resumed = pool.map(cli, [["train", *flags(cfg)], resume_flags(cfg)])
+    second = cli_here(["train", *flags(cfg)])  # a fresh start and a resume, both while the first one trains
+    also_resumed = cli_here(resume_flags(cfg))
     assert second.returncode == 2 and "is already running" in second.stderr, second.stderr[-2000:]
     assert also_resumed.returncode == 2 and "is already running" in also_resumed.stderr
     os.killpg(first.pid, signal.SIGKILL)  # the lock stays behind, stale
     first.wait()
     saved = tree_digest(cfg.checkpoint_dir())
-    fresh = cli(["train", *flags(cfg, "--max_steps=3")])
+    fresh = cli_here(["train", *flags(cfg, "--max_steps=3")])
     assert fresh.returncode == 2 and "already exists" in fresh.stderr and "--run_name" in fresh.stderr
     assert tree_digest(cfg.checkpoint_dir()) == saved
-    resumed = cli(resume_flags(cfg, "--max_steps=8"))
+    resumed = cli_here(resume_flags(cfg, "--max_steps=8"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "taking over the lock" in fresh.stdout and "resumed from" in resumed.stdout
-    replaced = cli(["train", *flags(cfg, "--max_steps=3", "--overwrite_output_dir=True")])
+    replaced = cli_here(["train", *flags(cfg, "--max_steps=3", "--overwrite_output_dir=True")])
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert "deleted the earlier run" in replaced.stdout
-    assert sorted(r["step"] for r in read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl")) if "loss" in r) == [1, 2, 3]
+    logged = read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl"))
+    assert sorted(r["step"] for r in logged if "loss" in r) == [1, 2, 3]
     assert not os.path.exists(os.path.join(cfg.run_dir(), ".lock"))
 
 
@@ -165,13 +163,13 @@ def test_changed_learning_rate_on_resume_is_used_from_the_next_step(saved_run):
     at_six = weights(saved_run)
     same = dataclasses.replace(saved_run, output_dir=saved_run.output_dir + "_copy", log_dir=saved_run.log_dir + "_copy")
     shutil.copytree(saved_run.run_dir(), same.run_dir())
-    result = cli(resume_flags(saved_run, "--max_steps=9", "--learn_rate=0.0001", "--weight_decay=0.1"))
+    result = cli_here(resume_flags(saved_run, "--max_steps=9", "--learn_rate=0.0001", "--weight_decay=0.1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "changed on resume: max_steps 6 -> 9, learn_rate 0.001 -> 0.0001, weight_decay 0.01 -> 0.1" in result.stdout
     records = read_jsonl(os.path.join(saved_run.logging_dir(), "metrics.jsonl"))
     assert [r["lr"] for r in records if "loss" in r and r["step"] > 6] == pytest.approx([1e-4] * 3)
     assert any("changed_on_resume" in r for r in records)
-    kept = cli(resume_flags(same, "--max_steps=9"))  # the same checkpoint continued at the old rate
+    kept = cli_here(resume_flags(same, "--max_steps=9"))  # the same checkpoint continued at the old rate
     assert kept.returncode == 0, kept.stderr[-2000:]
     key = "model.layers.0.mlp.up_proj.weight"
     slow = (weights(saved_run)[key] - at_six[key]).abs().mean()
@@ -185,7 +183,7 @@ def test_token_ids_past_the_vocabulary_are_refused_before_step_1(tmp_path, token
     tokens = token_file(tmp_path, tokenizer_dir)  # made with a 600-entry vocabulary
     cfg = tiny_config(tmp_path, tiny_tokenizer, {"train_file": tokens, "validation_file": ""}, max_seq_len=32,
                       max_steps=2)
-    result = cli(["train", *flags(cfg)])
+    result = cli_here(["train", *flags(cfg)])
     assert result.returncode == 2 and "vocabulary" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(cfg.checkpoint_dir()) and not os.path.exists(cfg.final_dir())
 
@@ -258,10 +256,11 @@ def test_elastic_resume_two_to_one_and_one_to_two_processes(tmp_path, tokenizer_
     for name, first, second in (("two_to_one", two_processes(), None), ("one_to_two", None, two_processes())):
         cfg = tiny_config(tmp_path / name, tokenizer_dir, qa_files, batch_size_per_gpu=4 if first else 8, max_steps=12,
                           **common)
-        part = cli(["train", *flags(cfg)], launcher=first)
+        part = cli(["train", *flags(cfg)], launcher=first) if first else cli_here(["train", *flags(cfg)])
         assert part.returncode == 0, part.stderr[-2000:]
-        rest = cli(["train", *flags(cfg, "--is_keep_training=True", "--max_steps=0",
-                    f"--batch_size_per_gpu={8 if first else 4}")], launcher=second)
+        rest_args = ["train", *flags(cfg, "--is_keep_training=True", "--max_steps=0",
+                                     f"--batch_size_per_gpu={8 if first else 4}")]
+        rest = cli(rest_args, launcher=second) if second else cli_here(rest_args)
         assert rest.returncode == 0, rest.stderr[-2000:]
         assert "elastic resume" in rest.stdout
         got = losses(cfg)
@@ -318,3 +317,26 @@ def test_resuming_a_finished_run_says_so_and_exports_only_when_the_export_is_mis
     assert "finished training at step 4 (--max_steps=4) but has no final model: exporting it now" in out
     logged = read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl"))
     assert sorted(r["step"] for r in logged if "loss" in r) == [1, 2, 3, 4]  # no step trained twice
+
+
+def test_a_full_disk_under_the_log_dir_is_one_line_and_leaves_no_empty_file(tmp_path):
+    """The log dir's owner file is claimed on a full disk: one line, and no 0-byte owner.json left behind."""
+    disk = tmp_path / "logs_disk"
+    disk.mkdir()
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from config import TrainConfig\n"
+              "from lowmem.errors import UserError\n"
+              "from lowmem.ownership import claim_log_dir\n"
+              "try:\n"
+              f"    claim_log_dir(TrainConfig(run_name='r', output_dir='{tmp_path}/ms', log_dir='{disk}'))\n"
+              "except UserError as exc:\n"
+              "    print('error:', exc)\n")
+    (tmp_path / "claim.py").write_text(script)
+    fill = f"head -c 2000000 /dev/zero > {disk}/filler 2>/dev/null; mkdir -p {disk}/r; "
+    command = mount_script(1, str(disk), f"{fill}{sys.executable} {tmp_path}/claim.py {REPO}; ls -la {disk}/r")
+    if command is None:
+        pytest.skip("no tmpfs can be mounted here (needs unshare -rm or root)")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600).stdout
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the disk under the log dir" in errors[0] and "is full" in errors[0], out
+    assert "owner.json" not in out  # neither the file nor its temporary copy is left

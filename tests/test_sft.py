@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli, read_jsonl, run_in_process, tiny_config
+from conftest import cli_here, read_jsonl, run_in_process, tiny_config
 
 from lowmem.data.batches import collate, collate_packed, pack_rows
 from lowmem.data.encoding import SampleEncoder
@@ -132,7 +132,7 @@ def test_users_command_shape_runs_as_written(tmp_path, tokenizer_dir):
                                        "batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
                                        "report_to": "none", "log_dir": str(tmp_path / "logs"), "learn_rate": 1e-3}))
     out = tmp_path / "outputs" / "profile_context_sampled_seed42"
-    result = cli(["train", "--config", str(config_file), "--ablation_config", "profile_and_context",
+    result = cli_here(["train", "--config", str(config_file), "--ablation_config", "profile_and_context",
                   "--output_dir", str(out), "--max_epochs", "3", "--val_ratio", "0.1", "--prompt_style", "simple",
                   "--max_samples_per_user", "2", "--sample_seed", "42", "--early_stopping_patience", "3",
                   "--early_stopping_threshold", "0.001"], cwd=str(tmp_path))
@@ -147,7 +147,7 @@ def test_users_command_shape_runs_as_written(tmp_path, tokenizer_dir):
                                           ("--max_samples_per_user=0", "max_samples_per_user")])
 def test_bad_sft_options_are_one_line_errors(tmp_path, tokenizer_dir, flag, needle):
     data = write_user_records(tmp_path / "users.jsonl", n_users=4, per_user=2)
-    result = cli(["train", f"--train_file={data}", f"--tokenizer_dir={tokenizer_dir}", "--validation_file=",
+    result = cli_here(["train", f"--train_file={data}", f"--tokenizer_dir={tokenizer_dir}", "--validation_file=",
                   "--test_file=", f"--output_dir={tmp_path}/m", f"--log_dir={tmp_path}/l", flag])
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
 
