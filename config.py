@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from lowmem.fields import (APPLIED, AT_LEAST_0, AT_LEAST_1, DATA, FRACTION, FREE, POSITIVE, RECORDS, REFUSED, Range,
-                           setting)
+from lowmem.fields import (APPLIED, AT_LEAST_0, AT_LEAST_1, DATA, FRACTION, FREE, POSITIVE, PREFERENCE, RECORDS,
+                           REFUSED, Range, setting)
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -103,6 +103,8 @@ class TrainConfig:
     text_column: str = setting("text", "column holding plain text (pretraining)", DATA)
     messages_column: str = setting(
         "messages", "column holding conversations (OpenAI messages; ShareGPT 'conversations' is found too)", DATA)
+    chosen_column: str = setting("chosen", "preference pairs: column holding the better answer", DATA)
+    rejected_column: str = setting("rejected", "preference pairs: column holding the worse answer", DATA)
     dataloader_buffer_size: int = setting(10000, "rows shuffled together when streaming parquet", DATA, AT_LEAST_1)
     packing: bool = setting(False, "several samples per row (no attention across them): no padding waste", DATA)
     prefetch_batches: int = setting(8, "batches prepared ahead by a background thread", FREE, AT_LEAST_1)
@@ -123,6 +125,27 @@ class TrainConfig:
         0.0, "share held out for validation when no validation_file is given", DATA, FRACTION, applies_to=RECORDS)
     split_by: Literal["user", "latest_item"] = setting(
         "user", "user (whole users held out) | latest_item (each user's latest item)", DATA, applies_to=RECORDS)
+    # --- preference training (pairs of a chosen and a rejected answer; see README) ---
+    preference_loss: Literal["dpo", "ipo", "hinge", "simpo", "orpo"] = setting(
+        "dpo", "dpo | ipo | hinge (against a reference) | simpo | orpo (without one)", DATA, applies_to=PREFERENCE)
+    beta: float = setting(
+        0.1, "preference strength: how far the policy may move from the reference (SimPO: reward scale)", DATA,
+        POSITIVE, applies_to=PREFERENCE)
+    simpo_gamma: float = setting(0.5, "SimPO: the margin the chosen answer must win by", DATA, AT_LEAST_0,
+                                 applies_to=PREFERENCE)
+    orpo_lambda: float = setting(0.1, "ORPO: weight of the odds-ratio term beside the chosen answer's loss", DATA,
+                                 AT_LEAST_0, applies_to=PREFERENCE)
+    label_smoothing: float = setting(
+        0.0, "DPO/SimPO: the share of pairs assumed mislabelled (conservative DPO)", DATA,
+        Range(0, 0.5, high_open=True), applies_to=PREFERENCE)
+    preference_sft_weight: float = setting(
+        0.0, "weight of an SFT term on the chosen answer (its mean token loss)", DATA, AT_LEAST_0,
+        applies_to=PREFERENCE)
+    reference: Literal["auto", "cache", "adapters_off", "model"] = setting(
+        "auto", "DPO/IPO/hinge reference: auto (cache; LoRA: adapters_off unless a cache is there) | cache (computed "
+        "once, beside the data) | adapters_off (LoRA) | model (a frozen copy)", DATA, applies_to=PREFERENCE)
+    reference_cache_dir: str = setting(
+        "", "where reference caches go; empty: beside each dataset's first file", APPLIED, applies_to=PREFERENCE)
     # --- many GPUs (DeepSpeed ZeRO; see accelerate_configs/) ---
     # (on resume these may name the same layout another way; a checkpoint of another ZeRO layout is refused as it loads)
     deepspeed: str = setting(

@@ -19,9 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from config import TRAIN_PRESETS, TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT, TrainConfigSFTSmall  # noqa: E402
-from lowmem.cli import (HELP_FLAGS, LAUNCHER_FLAGS, build, check_no_positionals, check_repeated_flags,  # noqa: E402
-                        closest, import_deepspeed_quietly, import_models_quietly, load_config_file, wants_help)
+from config import TRAIN_PRESETS, TrainConfig  # noqa: E402
+from lowmem import cli as lowmem_cli  # noqa: E402
+from lowmem.cli import (HELP_FLAGS, check_no_positionals, check_repeated_flags, import_deepspeed_quietly,  # noqa: E402
+                        import_models_quietly, wants_help)
 from lowmem.distributed import asks_for_deepspeed  # noqa: E402
 from lowmem.errors import UserError  # noqa: E402
 from lowmem.validate import check_config  # noqa: E402
@@ -30,14 +31,15 @@ from lowmem.validate import check_config  # noqa: E402
 COMMANDS = {
     "train": "train a model (pretraining or SFT); every TrainConfig field is a flag",
     "show_config": "print the resolved config as JSON (same flags as train); builds nothing",
-    "prepare": "data tools: convert, clean, split, stats, train_tokenizer, tokenize",
+    "prepare": "data tools: convert, clean, split, stats, train_tokenizer, tokenize, reference",
     "generate": "answer --prompt, or every prompt of --batch_file, with a trained model",
     "chat": "multi-turn chat with a trained model, on a terminal or over a pipe",
     "evaluate": "loss and perplexity of a model on a file (plus exact match and BLEU-4)",
     "check_checkpoint": "verify a checkpoint (or every checkpoint of a run dir) against its manifest's hashes",
 }
-CONFIG_COMMANDS = ("train", "show_config")  # their flags are TrainConfig fields, aliases included
+CONFIG_COMMANDS = ("train", "show_config")  # their flags are TrainConfig fields, aliases included (and prepare reference's)
 TORCHAO_OPTIMIZERS = ("adamw_8bit", "adamw_4bit")
+REFERENCE = "reference"  # `prepare reference` takes the flags of `train`
 
 USAGE = """usage: train_low_mem.py {command} [--config=NAME|FILE.json|FILE.yaml] [selectors] [--<field>=<value> ...]
 
@@ -51,55 +53,10 @@ every field below is a flag (--flag=value and --flag value both work; each flag 
 
 
 def resolve_config(kwargs: dict) -> TrainConfig:
-    """Pick the preset from --config or the selectors, apply the config file and the flags, check the values."""
-    kwargs = {k: v for k, v in kwargs.items() if k not in LAUNCHER_FLAGS}
-    config_arg = kwargs.pop("config", None)
-    large = build(_Selectors, {"use_large_config": kwargs.pop("use_large_config", False)}).use_large_config
-    small = build(_Selectors, {"use_small_config": kwargs.pop("use_small_config", False)}).use_small_config
-    finetune = build(_Selectors, {"is_finetune": kwargs.get("is_finetune", False)}).is_finetune
-    if large and small:
-        raise UserError("--use_large_config and --use_small_config contradict each other; pass one")
-    if large and finetune:
-        raise UserError("--use_large_config (pretraining) contradicts --is_finetune; for SFT use --is_finetune=True "
-                        "alone or with --use_small_config=True")
-    if small and not finetune:
-        raise UserError("--use_small_config selects the small SFT preset; pass it with --is_finetune=True")
-    if config_arg is not None and (large or small):
-        raise UserError("--config and --use_large_config/--use_small_config both choose a preset; pass one of them")
-    file_values: dict = {}
-    if large:
-        cls = TrainConfigPretrainLarge
-    elif small:
-        cls = TrainConfigSFTSmall
-    elif finetune:
-        cls = TrainConfigSFT
-    else:
-        cls = TrainConfig
-    if config_arg is not None:
-        name = str(config_arg)
-        if name in TRAIN_PRESETS:
-            cls = TRAIN_PRESETS[name]
-        elif name.endswith((".json", ".yaml", ".yml")) or os.path.sep in name:
-            file_values = load_config_file(name)
-            base = file_values.pop("preset", None)
-            if base is not None:
-                if base not in TRAIN_PRESETS:
-                    raise UserError(f"preset '{base}' in {name} does not exist; choose one of {', '.join(TRAIN_PRESETS)}")
-                cls = TRAIN_PRESETS[base]
-        else:
-            raise UserError(f"--config '{name}' is neither a preset nor a .json/.yaml file; presets: "
-                            f"{', '.join(TRAIN_PRESETS)}; {closest(name, TRAIN_PRESETS, prefix='')}")
-    cfg = build(cls, file_values, source=f"'{config_arg}'") if file_values else cls()
-    cfg = build(type(cfg), {**dataclasses.asdict(cfg), **kwargs})
+    """The config the flags ask for, its values checked."""
+    cfg = lowmem_cli.resolve_config(kwargs)
     check_config(cfg)
     return cfg
-
-
-@dataclasses.dataclass
-class _Selectors:
-    use_large_config: bool = False
-    use_small_config: bool = False
-    is_finetune: bool = False
 
 
 def train(**kwargs):
@@ -123,6 +80,20 @@ def show_config(**kwargs):
         print(config_help("show_config"))
         return
     print(json.dumps(dataclasses.asdict(resolve_config(kwargs)), indent=1, ensure_ascii=False))
+
+
+def prepare_reference(**kwargs):
+    """Compute the reference caches a preference run needs (the same flags as its train command), without training."""
+    if "help" in kwargs or "h" in kwargs:
+        print(config_help("prepare reference"))
+        return
+    cfg = resolve_config(kwargs)
+    import_models_quietly()  # the reference forward passes use no torchao
+    if not asks_for_deepspeed(cfg):
+        import_deepspeed_quietly()
+    from lowmem.session import prepare_reference_caches
+
+    prepare_reference_caches(cfg)
 
 
 def check_checkpoint(path, **unknown):
@@ -161,16 +132,18 @@ def command_help(command: str, args: list[str]) -> str:
         from lowmem.cli_prepare import prepare_help
 
         tool = args[0] if args and not args[0].startswith("-") else None
-        return prepare_help(tool)
+        return config_help("prepare reference") if tool == REFERENCE else prepare_help(tool)
     from lowmem.cli_generate import help_text
 
     return help_text(command)
 
 
-def _commands(command: str) -> dict:
+def _commands(command: str, tool: str | None = None) -> dict:
     """The Fire component of `command` alone: other commands' modules (and torch) stay unimported."""
     if command == "train":
         return {"train": train}
+    if command == "prepare" and tool == REFERENCE:  # its flags are train's
+        return {"prepare": {REFERENCE: prepare_reference}}
     if command == "show_config":
         return {"show_config": show_config}
     if command == "check_checkpoint":
@@ -202,15 +175,17 @@ def run_command_line(args: list[str]) -> int:
         print(commands_help())
         return 0
     _check_command(args)
-    check_repeated_flags(args[1:], aliases=args[0] in CONFIG_COMMANDS)
-    if args[0] in CONFIG_COMMANDS:
-        check_no_positionals(args[0], args[1:])
+    takes_config = args[0] in CONFIG_COMMANDS or args[:2] == ["prepare", REFERENCE]
+    check_repeated_flags(args[1:], aliases=takes_config)
+    if takes_config:
+        flag_words = args[2:] if args[0] == "prepare" else args[1:]
+        check_no_positionals(" ".join(args[:len(args) - len(flag_words)]), flag_words)
     if wants_help(args[1:]) or args == ["prepare"]:
         print(command_help(args[0], args[1:]))
         return 0
     import fire
 
-    fire.Fire(_commands(args[0]), command=list(args), name="train_low_mem.py")
+    fire.Fire(_commands(args[0], args[1] if len(args) > 1 else None), command=list(args), name="train_low_mem.py")
     return 0
 
 

@@ -15,7 +15,7 @@ Parts, in order of value (--parts picks and orders them; --guard PART=SECONDS ch
                 adamw_8bit, bf16 weights, gradient checkpointing: time to the first step, host peak RSS, tokens/s
                 and peak GPU memory, read from the run's metrics.jsonl; the process is killed after a few steps
   gpu_tests     python -m pytest -q tests -k "gpu and not gpu_check" (the tests that skip on CPU)
-  graph_breaks  torch._dynamo.explain of the training forward (this trainer's loss_sum) with and without the
+  graph_breaks  torch._dynamo.explain of the training forward (the call lowmem/objective.py makes) with and without the
                 chunked loss, checkpointing and packed position ids (FlexAttention on CUDA); graphs built over
                 several widths. Each config's row lands as it is done, so a guard that runs out keeps the rows so far
 
@@ -492,13 +492,8 @@ def _inputs(seq: int, packed: bool, device, vocab: int = 256) -> dict:
 
 
 def _loss_fn():
-    """The trainer's own loss call when it is there (lowmem.loop.loss_sum), else the same model call."""
-    try:
-        from lowmem.loop import loss_sum
-
-        return loss_sum
-    except ImportError:
-        return lambda model, inputs, enc_dec, scale: model(**inputs, use_cache=False, num_items_in_batch=scale).loss
+    """The forward the trainer's token loss makes (lowmem/objective.py TokenLoss on a decoder)."""
+    return lambda model, inputs, enc_dec, scale: model(**inputs, use_cache=False, num_items_in_batch=scale).loss
 
 
 def _explain(model, seq: int, packed: bool, device) -> dict:

@@ -136,7 +136,8 @@ def grown_vocabulary(model, cfg) -> bool:
         return False
     from transformers import AutoConfig
 
-    saved = AutoConfig.from_pretrained(cfg.finetune_from_ckp_file).get_text_config()
+    start = cfg.finetune_from_ckp_file
+    saved = AutoConfig.from_pretrained(adapter_base_dir(start) if is_adapter_dir(start) else start).get_text_config()
     return model.get_input_embeddings().num_embeddings > getattr(saved, "vocab_size", 0)
 
 
@@ -269,8 +270,9 @@ def apply_lora(model, cfg, log=print):
                         target_parameters=expert_params or None, modules_to_save=saved or None,
                         ensure_weight_tying=ties_embeddings(model) and bool(set(saved) & set(embedding_names(model))),
                         task_type=TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM,
+                        # a base merged from earlier adapters exists nowhere else: an adapter export saves it too
                         base_model_name_or_path=os.path.abspath(cfg.finetune_from_ckp_file)
-                        if cfg.finetune_from_ckp_file else None)
+                        if cfg.finetune_from_ckp_file and not is_adapter_dir(cfg.finetune_from_ckp_file) else None)
     total = sum(p.numel() for p in model.parameters())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks the deprecated name
@@ -407,7 +409,7 @@ def adapter_base_dir(path: str) -> str:
                     f"{ADAPTER_CONFIG}), which is not a local model directory here; put it there or edit that field")
 
 
-def load_merged(path: str, dtype: torch.dtype, vocab_size: int):
+def load_merged(path: str, dtype: torch.dtype, vocab_size: int, **load_options):
     """Base + the adapters of `path`, merged in memory (inference needs no peft layers)."""
     if importlib.util.find_spec("peft") is None:
         raise UserError(f"'{path}' is a LoRA adapter directory, which needs peft to load: {PEFT_HINT}")
@@ -416,7 +418,7 @@ def load_merged(path: str, dtype: torch.dtype, vocab_size: int):
 
     base_dir = adapter_base_dir(path)
     auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(base_dir).is_encoder_decoder else AutoModelForCausalLM
-    base = auto.from_pretrained(base_dir, use_safetensors=True, dtype=dtype)
+    base = auto.from_pretrained(base_dir, use_safetensors=True, dtype=dtype, **load_options)
     if base.get_input_embeddings().num_embeddings < vocab_size:
         base.resize_token_embeddings(vocab_size)  # the run added tokens; their rows come with the adapters
     with warnings.catch_warnings():

@@ -324,3 +324,59 @@ def import_deepspeed_quietly() -> None:
     """
     if installed("deepspeed"):
         import_quietly("deepspeed", DEEPSPEED_LOGGERS)
+
+
+# ---------------------------------------------------------------- the training config from its flags
+
+def resolve_config(kwargs: dict):
+    """The TrainConfig the flags of `train` (and `show_config`, `prepare reference`) ask for; its values are checked
+    by validate.check_config."""
+    from config import TRAIN_PRESETS, TrainConfig, TrainConfigPretrainLarge, TrainConfigSFT, TrainConfigSFTSmall
+
+    # the preset from --config or the selectors, then the config file and the flags, then the values checked
+    kwargs = {k: v for k, v in kwargs.items() if k not in LAUNCHER_FLAGS}
+    config_arg = kwargs.pop("config", None)
+    large = build(_Selectors, {"use_large_config": kwargs.pop("use_large_config", False)}).use_large_config
+    small = build(_Selectors, {"use_small_config": kwargs.pop("use_small_config", False)}).use_small_config
+    finetune = build(_Selectors, {"is_finetune": kwargs.get("is_finetune", False)}).is_finetune
+    if large and small:
+        raise UserError("--use_large_config and --use_small_config contradict each other; pass one")
+    if large and finetune:
+        raise UserError("--use_large_config (pretraining) contradicts --is_finetune; for SFT use --is_finetune=True "
+                        "alone or with --use_small_config=True")
+    if small and not finetune:
+        raise UserError("--use_small_config selects the small SFT preset; pass it with --is_finetune=True")
+    if config_arg is not None and (large or small):
+        raise UserError("--config and --use_large_config/--use_small_config both choose a preset; pass one of them")
+    file_values: dict = {}
+    if large:
+        cls = TrainConfigPretrainLarge
+    elif small:
+        cls = TrainConfigSFTSmall
+    elif finetune:
+        cls = TrainConfigSFT
+    else:
+        cls = TrainConfig
+    if config_arg is not None:
+        name = str(config_arg)
+        if name in TRAIN_PRESETS:
+            cls = TRAIN_PRESETS[name]
+        elif name.endswith((".json", ".yaml", ".yml")) or os.path.sep in name:
+            file_values = load_config_file(name)
+            base = file_values.pop("preset", None)
+            if base is not None:
+                if base not in TRAIN_PRESETS:
+                    raise UserError(f"preset '{base}' in {name} does not exist; choose one of {', '.join(TRAIN_PRESETS)}")
+                cls = TRAIN_PRESETS[base]
+        else:
+            raise UserError(f"--config '{name}' is neither a preset nor a .json/.yaml file; presets: "
+                            f"{', '.join(TRAIN_PRESETS)}; {closest(name, TRAIN_PRESETS, prefix='')}")
+    cfg = build(cls, file_values, source=f"'{config_arg}'") if file_values else cls()
+    return build(type(cfg), {**dataclasses.asdict(cfg), **kwargs})
+
+
+@dataclasses.dataclass
+class _Selectors:
+    use_large_config: bool = False
+    use_small_config: bool = False
+    is_finetune: bool = False

@@ -19,6 +19,7 @@ from .data.token_file import DEFAULT_CHUNK_ROWS
 from .errors import UserError
 
 TOOLS = ("convert", "clean", "split", "stats", "train_tokenizer", "tokenize")
+OTHER_TOOLS = {"reference": "compute the reference caches of a preference run (the same flags as its train command)"}
 
 _TRUE, _FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
@@ -105,6 +106,7 @@ def prepare_help(tool: str | None = None) -> str:
     if tool is None:
         lines = ["usage: train_low_mem.py prepare TOOL [--flag=value ...]", "", "tools:"]
         lines += [f"  {name:<16} {inspect.getdoc(method).splitlines()[0]}" for name, method in _tools().items()]
+        lines += [f"  {name:<16} {meaning}" for name, meaning in OTHER_TOOLS.items()]
         lines += ["", "`train_low_mem.py prepare TOOL --help` lists the flags of a tool."]
         return "\n".join(lines)
     check_tool(tool)
@@ -113,13 +115,13 @@ def prepare_help(tool: str | None = None) -> str:
 
 def check_tool(word: str) -> None:
     """A UserError unless `word` names a prepare tool (or asks for help)."""
-    if word in TOOLS or word in HELP_FLAGS:
+    if word in TOOLS or word in OTHER_TOOLS or word in HELP_FLAGS:
         return
     if word.startswith("-"):
         raise UserError(f"`prepare` needs a tool before its flags: {', '.join(TOOLS)}; e.g. prepare convert {word}")
-    near = difflib.get_close_matches(word, TOOLS, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(word, TOOLS + tuple(OTHER_TOOLS), n=1, cutoff=0.5)
     hint = f"did you mean: {near[0]}? " if near else ""
-    raise UserError(f"unknown prepare tool '{word}'; {hint}tools: {', '.join(TOOLS)}")
+    raise UserError(f"unknown prepare tool '{word}'; {hint}tools: {', '.join(TOOLS + tuple(OTHER_TOOLS))}")
 
 
 def _stop_for_flags(method, unknown: dict) -> bool:

@@ -132,7 +132,7 @@ def evaluate_loss(model, tokenizer, file: str, max_seq_len: int, batch_size: int
                             "evaluate with the tokenizer the model was trained with")
         tensors = {k: v.to(device) for k, v in batch.tensors.items()}
         total += float(summed_loss(model, tensors, enc_dec).double())
-        tokens += batch.label_tokens
+        tokens += batch.loss_units
 
     if enc_dec and token_file_path(file) is not None:
         raise UserError(f"'{file}' is a packed token file, which only decoder models read; evaluate T5 on a "

@@ -18,6 +18,7 @@ import math
 REFUSED, DATA, APPLIED, FREE = "refused", "data", "applied", "free"
 RESUME_RULES = (REFUSED, DATA, APPLIED, FREE)
 RECORDS = "records"  # a field that only user-modeling records (user_id + target) read
+PREFERENCE = "preference"  # a field that only preference pairs (prompt, chosen, rejected) read
 
 
 @dataclasses.dataclass(frozen=True)

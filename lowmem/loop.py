@@ -79,7 +79,7 @@ def _optimizer_steps(s: Session, stop: StopSignal):
         try:
             while not _at_max_steps(cfg, state):
                 window = list(islice(batches, cfg.gradient_accumulation_steps))
-                agreed = s.channel.gather([sum(b.label_tokens for b in window), len(window), int(stop.requested)])
+                agreed = s.channel.gather([sum(b.loss_units for b in window), len(window), int(stop.requested)])
                 if agreed[:, 2].any():
                     stop.agreed = stop.signal_name or "a signal on another process"
                     return
@@ -108,10 +108,8 @@ def train_step(s: Session, window: list[Batch], global_tokens: int, report: Trai
     scale = torch.tensor(max(global_tokens, 1) / (ga * world), device=acc.device)
     set_accumulation_position(acc, ga - len(window))  # the window's last micro-batch syncs, even a short one
     for batch in window:
-        inputs = {k: v.to(acc.device, non_blocking=True) for k, v in batch.tensors.items()}
-        real = batch.real.to(acc.device, non_blocking=True) if s.objective.routes else None
         with acc.accumulate(s.model):
-            loss, parts = s.objective(s.model, inputs, real, scale)
+            loss, parts = s.objective(s.model, batch.on(acc.device, non_blocking=True), scale)
             acc.backward(loss)
             report.accumulate(parts, ga * world)
     grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or float("inf"))
@@ -159,33 +157,33 @@ def _evaluate(s: Session, report: TrainReport | None = None) -> tuple[bool, bool
 
 @torch.no_grad()
 def evaluate(model, data, objective, accelerator, max_batches: int) -> dict:
-    """Validation loss and perplexity of each validation dataset, and overall (weighted by the datasets' weights);
-    for MoE models the router's balance loss beside it, never in it."""
+    """The objective's validation values (objective.eval_sums: loss, and the router loss or preference accuracy and
+    margin) over each validation dataset; eval_loss overall weighted by the datasets' weights, the rest pooled."""
     was_training = model.training
     model.eval()
-    sets = data.validation_batches()
-    totals = torch.zeros(len(sets) + 1, 2, device=accelerator.device, dtype=torch.float64)  # last row: aux loss
+    sets, names, sums = data.validation_batches(), [], {}
     for i, (_, _, batches) in enumerate(sets):
         for batch in islice(batches, max_batches or None):
-            inputs = {k: v.to(accelerator.device) for k, v in batch.tensors.items()}
-            real = batch.real.to(accelerator.device) if objective.routes else None
-            loss, aux = objective.eval_sums(model, inputs, real)
-            totals[i, 0] += loss.double()
-            totals[i, 1] += batch.label_tokens
-            if aux is not None:
-                totals[-1, 0] += aux.double()
-                totals[-1, 1] += 1
-    totals = accelerator.reduce(totals, reduction="sum")
+            for name, (total, count) in objective.eval_sums(model, batch.on(accelerator.device)).items():
+                if name not in sums:
+                    names.append(name)
+                    sums[name] = torch.zeros(len(sets), 2, device=accelerator.device, dtype=torch.float64)
+                sums[name][i, 0] += total.double()
+                sums[name][i, 1] += count
+    totals = accelerator.reduce(torch.stack([sums[n] for n in names]), reduction="sum") if names else None
     model.train(was_training)
-    losses = (totals[:-1, 0] / totals[:-1, 1].clamp(min=1)).tolist()
+    if totals is None:
+        return {"eval_loss": float("nan")}
+    per_set = (totals[0, :, 0] / totals[0, :, 1].clamp(min=1)).tolist()  # names[0] is the loss
     weights = [w for _, w, _ in sets]
-    loss = sum(w * l for w, l in zip(weights, losses)) / sum(weights)
-    result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-              "eval_tokens": int(totals[:-1, 1].sum())}
+    loss = sum(w * l for w, l in zip(weights, per_set)) / sum(weights)
+    result = {"eval_loss": loss}
+    if objective.perplexity:
+        result.update(eval_perplexity=math.exp(min(loss, 50.0)), eval_tokens=int(totals[0, :, 1].sum()))
     if len(sets) > 1:
-        result.update({f"eval_loss/{name}": l for (name, _, _), l in zip(sets, losses)})
-    if objective.routes:
-        result["eval_aux_loss"] = float(totals[-1, 0] / totals[-1, 1].clamp(min=1))
+        result.update({f"eval_loss/{name}": value for (name, _, _), value in zip(sets, per_set)})
+    for k, name in enumerate(names[1:], start=1):
+        result[f"eval_{name}"] = float(totals[k, :, 0].sum() / totals[k, :, 1].sum().clamp(min=1))
     return result
 
 
@@ -225,6 +223,9 @@ def _finish(s: Session, stopped_early: bool) -> dict:
     summary = {"step": state.step, "epoch": state.epoch, "final_dir": cfg.final_dir(),
                "stopped_early": stopped_early, "best_eval_loss": state.best_eval_loss, **(last_eval or {}),
                **{f"data_{k}": v for k, v in sorted(s.run_state.counts().items())}}
+    reference = getattr(s.objective, "reference", None)  # preference runs: how the reference cost
+    if reference is not None:
+        summary["reference_forward_passes"] = reference.forward_passes
     if cfg.test_file and cfg.test_generation_samples and acc.is_main_process:
         summary.update(_answer_test_questions(s))
     s.log(f"done: {json.dumps(summary)} | {process_memory_summary()}")

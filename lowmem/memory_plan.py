@@ -58,7 +58,7 @@ def activation_bytes(hf_config, cfg: TrainConfig, mixed_precision: str, tokens: 
 
 
 def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
-                offload_optimizer: bool = False) -> str:
+                offload_optimizer: bool = False, reference: str | None = None, reference_bytes: float = 0.0) -> str:
     """One line: estimated GiB per process of weights, gradients, optimizer states and activations."""
     from .sizes import count_parameters, parameter_bytes
 
@@ -73,6 +73,9 @@ def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, z
                  if cfg.gradient_checkpointing else "no checkpointing")
     parts = [f"weights {weights / GIB:.2f} GiB", f"gradients {grads / GIB:.2f} GiB",
              f"optimizer states {states / GIB:.2f} GiB{' (offloaded to the CPU)' if offload_optimizer else ''}"]
+    if reference is not None:  # preference training: what its reference costs (a copy, or nothing)
+        parts.append(f"reference {reference_bytes / GIB:.2f} GiB ({reference})")
+        weights += reference_bytes
     if activations is None:
         parts.append("activations not estimated for this model type")
         total = ""

@@ -49,6 +49,10 @@ def build_model(cfg: TrainConfig, tokenizer):
     attn = attention_backend(cfg)
     adapters.check_lora_runtime(cfg)  # before any weight is loaded: peft missing, or QLoRA on CPU, is one line
     dtype = adapters.base_dtype(cfg)
+    if cfg.finetune_from_ckp_file and adapters.is_adapter_dir(cfg.finetune_from_ckp_file):
+        # an earlier run's adapters (--merge_lora=False): merged into their base, the model training starts from
+        merged = adapters.load_merged(cfg.finetune_from_ckp_file, dtype, len(tokenizer), attn_implementation=attn)
+        return merged
     if cfg.finetune_from_ckp_file:
         path = os.path.abspath(cfg.finetune_from_ckp_file)  # peft records it as the adapters' base
         if not os.path.isfile(os.path.join(path, "config.json")):

@@ -39,9 +39,12 @@ class TokenLoss:
             return "router balance loss off (--router_aux_loss_coef=0)"
         return f"router balance loss x {self.router_coef:g} (logged as aux_loss; padding excluded)"
 
-    def __call__(self, model, inputs: dict, real: torch.Tensor | None, scale: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(what backward takes, detached parts to log: "loss" and, when routing, "aux_loss")."""
+    perplexity = True  # evaluation reports exp(eval_loss) and the label tokens it saw
+
+    def __call__(self, model, batch, scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(what backward takes, detached parts to log: "loss" and, when routing, "aux_loss"), for a batch on the
+        model's device."""
+        inputs = batch.tensors
         if self.is_encoder_decoder:
             logits = model(**inputs).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), inputs["labels"].flatten(), reduction="sum") / scale
@@ -51,12 +54,16 @@ class TokenLoss:
                                                                             if self.routes else {}))
         if not self.routes:
             return out.loss, {"loss": out.loss.detach()}
-        aux = router_aux_loss(out.router_logits, self.moe.num_experts, self.moe.top_k, real)
+        aux = router_aux_loss(out.router_logits, self.moe.num_experts, self.moe.top_k, batch.real)
         return out.loss + self.router_coef * aux, {"loss": out.loss.detach(), "aux_loss": aux.detach()}
 
     @torch.no_grad()
-    def eval_sums(self, model, inputs: dict, real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(summed token loss, the router's balance loss or None) of a validation micro-batch."""
-        one = torch.ones((), device=inputs["input_ids"].device)
-        loss, parts = self(model, inputs, real, one)
-        return parts["loss"], parts.get("aux_loss")
+    def eval_sums(self, model, batch) -> dict[str, tuple[torch.Tensor, float]]:
+        """name -> (sum, count) of a validation micro-batch: the summed token loss over its label tokens, and the
+        router's balance loss over micro-batches."""
+        one = torch.ones((), device=batch.tensors["input_ids"].device)
+        _, parts = self(model, batch, one)
+        sums = {"loss": (parts["loss"], float(batch.loss_units))}
+        if "aux_loss" in parts:
+            sums["aux_loss"] = (parts["aux_loss"], 1.0)
+        return sums

@@ -27,12 +27,13 @@ from .data.sources import DataInputs, parse_inputs
 from .demo import ensure_demo_assets
 from .ema import EMA
 from .errors import UserError
-from .fields import RECORDS, rules
+from .fields import PREFERENCE, RECORDS, rules
 from .memory_plan import STATE_BYTES
 from .metrics import MetricsWriter
 from .model import apply_training_options, build_model
 from .moe import mark_zero3_leaves
 from .objective import TokenLoss
+from .reference import ensure_caches, preference_objective
 from .optim import allow_optimizer_state_types, build_optimizer, build_scheduler
 from .ownership import RunLock, check_log_dir, claim_log_dir, exit_with_launcher, refuse_or_clear_existing
 from .runtime import HostChannel, build_accelerator, quiet_known_warnings
@@ -56,7 +57,7 @@ class Session:
     ema: EMA | None
     state: TrainState
     run_state: GlobalTrainState  # the state of every process together: what checkpoints hold, what logs count
-    objective: TokenLoss
+    objective: object  # objective.TokenLoss, or preference.PreferenceLoss for preference pairs
     total_steps: int
     steps_per_epoch: int
     resumed_step: int | None
@@ -85,7 +86,8 @@ def data_options(cfg: TrainConfig) -> DataOptions:
     """The data options of a run, from its config (the data layer never sees the whole config)."""
     return DataOptions(
         max_seq_len=cfg.max_seq_len, seed=cfg.seed, buffer_size=cfg.dataloader_buffer_size,
-        columns=Columns(cfg.prompt_column, cfg.response_column, cfg.text_column, cfg.messages_column),
+        columns=Columns(cfg.prompt_column, cfg.response_column, cfg.text_column, cfg.messages_column,
+                        cfg.chosen_column, cfg.rejected_column),
         train_on=cfg.train_on, train_on_prompt=cfg.train_on_prompt, strict=cfg.strict,
         records=RecordOptions(cfg.ablation_config, cfg.prompt_style, cfg.max_history_items, cfg.max_samples_per_user,
                               cfg.sample_seed, cfg.resample_each_epoch, cfg.val_ratio, cfg.split_by),
@@ -103,9 +105,10 @@ def check_inputs(cfg: TrainConfig) -> DataInputs:
     tokenizer_dir = cfg.tokenizer_dir or cfg.finetune_from_ckp_file
     if tokenizer_dir and not os.path.isdir(tokenizer_dir):
         problems.append(f"--tokenizer_dir: '{tokenizer_dir}' does not exist (train one with `prepare train_tokenizer`)")
-    if cfg.finetune_from_ckp_file and not os.path.isfile(os.path.join(cfg.finetune_from_ckp_file, "config.json")):
-        problems.append(f"--finetune_from_ckp_file: '{cfg.finetune_from_ckp_file}' is not a model directory "
-                        "(no config.json)")
+    start = cfg.finetune_from_ckp_file
+    if start and not any(os.path.isfile(os.path.join(start, name)) for name in ("config.json", "adapter_config.json")):
+        problems.append(f"--finetune_from_ckp_file: '{start}' is not a model or adapter directory (no config.json "
+                        "or adapter_config.json)")
     if cfg.deepspeed:
         from .distributed import resolve_path
 
@@ -116,15 +119,18 @@ def check_inputs(cfg: TrainConfig) -> DataInputs:
     return inputs
 
 
+APPLIES_TO = {RECORDS: ("records", "user-modeling records (user_id + target columns)"),
+              PREFERENCE: ("preference", "preference pairs (prompt, chosen and rejected columns)")}
+
+
 def check_flags_apply(cfg: TrainConfig, kinds: set[str]) -> None:
     """A flag set for data this run does not have would do nothing: refuse it rather than ignore it."""
-    if "records" in kinds:
-        return
     defaults = TrainConfig()
     for name, meta in rules(type(cfg)).items():
-        if meta.get("applies_to") == RECORDS and getattr(cfg, name) != getattr(defaults, name):
-            raise UserError(f"--{name}={getattr(cfg, name)!r} applies to user-modeling records (user_id + target "
-                            f"columns), but this run's training data is {' and '.join(sorted(kinds))}; drop the flag"
+        kind, what = APPLIES_TO.get(meta.get("applies_to"), (None, ""))
+        if kind and kind not in kinds and getattr(cfg, name) != getattr(defaults, name):
+            raise UserError(f"--{name}={getattr(cfg, name)!r} applies to {what}, but this run's training data is "
+                            f"{' and '.join(sorted(kinds))}; drop the flag"
                             + (" (give validation data with --validation_file)" if name == "val_ratio" else ""))
 
 
@@ -170,15 +176,9 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
         plan = channel.on_main(accelerator.is_main_process, lambda: plan_resume(cfg, prints, log))
         if plan is None:
             log(f"no checkpoint in {cfg.checkpoint_dir()} yet; starting from step 0")
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
-    # initialise on the GPU (seconds, not minutes, for 7B); sharded setups (ZeRO-3, FSDP) build on the host
-    on_device = accelerator.device.type == "cuda" and accelerator.distributed_type.name in ("NO", "MULTI_GPU")
-    on_device = on_device and not cfg.qlora  # QLoRA: the bf16 base stays on the host, each weight goes over as NF4
-    with torch.device(accelerator.device if on_device else "cpu"):
-        built = build_model(cfg, tokenizer)
+    built = _build(cfg, accelerator, tokenizer)
     objective = TokenLoss(built, bool(built.config.is_encoder_decoder), cfg.router_aux_loss_coef)
+    routed = objective.moe is not None
     model = apply_training_options(built, cfg, log)  # LoRA too (lowmem/adapters.py)
     is_enc_dec = bool(model.config.is_encoder_decoder)
     budget = limit_gpu_memory(cfg.max_gpu_memory_gb)
@@ -188,17 +188,25 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
                      pin_memory=accelerator.device.type == "cuda", log=log)
     check_flags_apply(cfg, data.kinds)
     data.check_before_training(model.get_input_embeddings().num_embeddings)
+    if data.pairs:  # the reference chosen now: a frozen copy is taken of the starting weights
+        objective = preference_objective(cfg, model, data, accelerator, tokenizer, _sharded(accelerator))
     steps_per_epoch = math.ceil(data.batches_per_epoch() / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     ema = EMA(model, cfg.ema_decay) if cfg.use_ema else None
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
-    leaves = mark_zero3_leaves(model) if objective.moe is not None and _zero_stage(accelerator) == 3 else []
+    leaves = mark_zero3_leaves(model) if routed and _zero_stage(accelerator) == 3 else []
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.distributed_type.name == "DEEPSPEED":
         scheduler.optimizer = model.optimizer  # schedule the groups DeepSpeed steps (its CPU Adam when offloading)
     if ema is not None:
         ema.model.to(accelerator.device)
+    if getattr(objective, "reference", None) is not None and objective.reference.kind == "cache":
+        # before any restore: the weights are still the ones training started from, the reference's
+        caches, passes = ensure_caches(data, model, accelerator, channel, objective.reference.settings,
+                                       cfg.reference_cache_dir, data.options, tokenizer, log)
+        data.attach_references(caches)
+        objective.reference.forward_passes += passes
     state = TrainState.fresh(world)
     run_state = GlobalTrainState(state, channel, accelerator.process_index, world,
                                  {"fingerprint": prints, "config": dataclasses.asdict(cfg)}, log)
@@ -223,6 +231,49 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
     if plan is not None and plan.changed:
         metrics.log({"changed_on_resume": {k: [a, b] for k, (a, b) in plan.changed.items()}}, state.step)
     return session
+
+
+def _build(cfg: TrainConfig, accelerator, tokenizer):
+    """The model as training starts from it, built under the run's seed."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    # initialise on the GPU (seconds, not minutes, for 7B); sharded setups (ZeRO-3, FSDP) build on the host
+    on_device = accelerator.device.type == "cuda" and accelerator.distributed_type.name in ("NO", "MULTI_GPU")
+    on_device = on_device and not cfg.qlora  # QLoRA: the bf16 base stays on the host, each weight goes over as NF4
+    with torch.device(accelerator.device if on_device else "cpu"):
+        return build_model(cfg, tokenizer)
+
+
+def prepare_reference_caches(cfg: TrainConfig) -> dict:
+    """`prepare reference`: the reference caches a preference run with these settings uses, computed now by every
+    process of the launch (the starting model, before any step); nothing else is written."""
+    check_config(cfg)
+    quiet_known_warnings()
+    ensure_demo_assets(cfg.train_file, cfg.tokenizer_dir)
+    inputs = check_inputs(cfg)
+    accelerator = build_accelerator(cfg)
+    if _sharded(accelerator):
+        raise UserError("prepare reference runs without DeepSpeed or FSDP (one process, or several plain ones); the "
+                        "caches it writes serve sharded training runs alike")
+    tokenizer = load_tokenizer(cfg.tokenizer_dir or cfg.finetune_from_ckp_file)
+    model = _build(cfg, accelerator, tokenizer).to(accelerator.device)
+    log, world = accelerator.print, accelerator.num_processes
+    data = TrainData(inputs, data_options(cfg), tokenizer, bool(model.config.is_encoder_decoder),
+                     accelerator.process_index, world, pin_memory=False, log=log)
+    objective = preference_objective(cfg, model, data, accelerator, tokenizer, False) if data.pairs else None
+    if objective is None or not objective.settings.uses_reference:
+        raise UserError("prepare reference: nothing to compute; the training data holds no preference pairs or the "
+                        f"loss ({cfg.preference_loss}) needs no reference")
+    caches, passes = ensure_caches(data, model, accelerator, HostChannel(world), objective.reference.settings,
+                                   cfg.reference_cache_dir, data.options, tokenizer, log)
+    log(f"reference caches ready ({passes} forward passes on this process): "
+        + ", ".join(cache.prefix for cache in caches.values()))
+    return caches
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
 
 
 def _zero_stage(accelerator) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .memory_plan import memory_plan
 from .moe import moe_shape, text_config
-from .sizes import count_parameters, parameter_counts
+from .sizes import count_parameters, parameter_bytes, parameter_counts
 
 
 def sharding(acc) -> tuple[str, int, bool]:
@@ -49,6 +49,15 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _reference_cost(s) -> tuple:
+    """(how a preference run's reference is held, its bytes) for the memory plan; () for other runs."""
+    reference = getattr(s.objective, "reference", None)
+    if reference is None:
+        return ()
+    held = {"cache": "from the cache", "adapters_off": "adapters off", "model": "a frozen copy", "none": "none"}
+    return held[reference.kind], parameter_bytes(reference.copy) if reference.copy is not None else 0.0
+
+
 def start_summary(s, warnings: list[str], notes: list[str] = ()) -> str:
     """The lines the run prints before its first step."""
     cfg, acc = s.cfg, s.accelerator
@@ -61,5 +70,5 @@ def start_summary(s, warnings: list[str], notes: list[str] = ()) -> str:
             f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
             f"{cfg.max_seq_len} tokens | {run_length(cfg, s.total_steps, s.steps_per_epoch)} | optimizer "
             f"{cfg.optimizer} | logs: {cfg.logging_dir()}\n{s.data.describe()}\n"
-            f"{memory_plan(model, cfg, str(acc.mixed_precision), world, stage, offload)}"
+            f"{memory_plan(model, cfg, str(acc.mixed_precision), world, stage, offload, *_reference_cost(s))}"
             + "".join(f"\n{note}" for note in notes) + "".join(f"\nwarning: {w}" for w in warnings))

@@ -90,7 +90,7 @@ def test_kind_comes_from_the_content_not_the_extension(tmp_path):
     cfg = settings(columns=Columns(prompt_column="q", response_column="a"))
     dataset = open_dataset(parse_data_arg(str(qa), "train_file")[0], cfg)
     assert dataset.kind == "prompt_response"  # a .jsonl is not taken for user records
-    assert dataset.source.sample(0, 0).keys() == {"prompt", "response"}
+    assert dataset.source.sample(0, 0).keys() == {"prompt", "response", "_row"}  # _row: its place in the files
     disguised = tmp_path / "data.dat"
     shutil.copy(write_qa_parquet(tmp_path / "x.parquet", 12), disguised)
     assert open_dataset(parse_data_arg(str(disguised), "f")[0], settings()).kind == "prompt_response"

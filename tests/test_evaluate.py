@@ -81,7 +81,7 @@ def test_bad_evaluation_inputs(llama, t5, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         evaluate_loss(model, tokenizer, str(tmp_path / "missing.parquet"), 32, 2)
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "hi"}])
-    with pytest.raises(UserError, match="prompt\\+response, or text"):
+    with pytest.raises(UserError, match="prompt\\+response, prompt\\+chosen\\+rejected, or text"):
         evaluate_loss(model, tokenizer, wrong, 32, 2)
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "the cat"}])
     with pytest.raises(UserError, match="T5"):

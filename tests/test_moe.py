@@ -52,7 +52,7 @@ def test_router_loss_moves_the_gate_and_zero_turns_it_off(qwen3_moe_dir, tokeniz
     for coef in (0.0, 0.5):
         model = _model(qwen3_moe_dir)
         objective = TokenLoss(model, False, coef)
-        loss, parts = objective(model, batch.tensors, batch.real, torch.tensor(float(batch.label_tokens)))
+        loss, parts = objective(model, batch, torch.tensor(float(batch.loss_units)))
         loss.backward()
         assert objective.routes == (coef > 0) and ("aux_loss" in parts) == (coef > 0)
         grads[coef] = model.model.layers[0].mlp.gate.weight.grad.clone()

@@ -51,12 +51,12 @@ def test_packed_and_padded_batches_give_same_loss_and_gradients(tiny_model):
     samples = [encoder({"prompt": "q " * rng.randint(1, 15), "response": "a " * rng.randint(1, 6)}) for _ in range(7)]
     padded = collate(samples, tok.pad_token_id, False, position=7)
     packed = collate_packed(pack_rows(samples, 64), tok.pad_token_id, position=7, skip=0)
-    assert packed.label_tokens == padded.label_tokens
+    assert packed.loss_units == padded.loss_units
     assert packed.tensors["input_ids"].shape[0] < padded.tensors["input_ids"].shape[0]
 
     def loss_and_grads(batch):
         model.zero_grad()
-        n = torch.tensor(float(batch.label_tokens))
+        n = torch.tensor(float(batch.loss_units))
         loss = model(**batch.tensors, use_cache=False, num_items_in_batch=n).loss
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]

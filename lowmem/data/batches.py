@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -24,7 +24,7 @@ CHUNK_TOKENS = 1 << 21  # packing looks at least this many tokens at once: long 
 @dataclass
 class Batch:
     tensors: dict[str, torch.Tensor]
-    label_tokens: int  # positions that count in the loss (after the causal shift)
+    loss_units: int  # what the loss is averaged over: label positions (after the causal shift), or pairs
     real_tokens: int  # non-padding input positions
     total_tokens: int  # input positions including padding
     position: int  # where this process's sample stream restarts to continue after this batch...
@@ -34,6 +34,14 @@ class Batch:
     counts: Counter = field(default_factory=Counter)  # skipped/truncated rows and samples per dataset it consumed
     sample_positions: list[int] = field(default_factory=list)  # packing: positions of the samples it holds
     real: torch.Tensor | None = None  # [rows, width] true at real (non-padding) tokens: what an MoE router is judged on
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # what the loss needs beside the model's inputs
+
+    def on(self, device, non_blocking: bool = False) -> "Batch":
+        """The batch with its tensors on `device`."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, tensors={k: move(v) for k, v in self.tensors.items()},
+                       real=None if self.real is None else move(self.real),
+                       extra={k: move(v) for k, v in self.extra.items()})
 
 
 def encode_stream(samples: Iterable[tuple[int, dict]], encoder, names: list[str] | None = None
@@ -56,8 +64,9 @@ def _encode_group(pending, encoder, names) -> Iterator[tuple[int, object, Counte
     from .encoding import Skipped
 
     readable = [(p, s) for p, s in pending if "_skip" not in s]
-    results = iter(encoder.encode_many([{k: v for k, v in s.items() if not k.startswith("_")} for _, s in readable],
-                                       [p for p, _ in readable]))
+    keep = ("_reference",)  # what an encoder reads beside the row's own fields
+    results = iter(encoder.encode_many([{k: v for k, v in s.items() if not k.startswith("_") or k in keep}
+                                        for _, s in readable], [p for p, _ in readable]))
     for position, sample in pending:
         counts: Counter = Counter()
         if "_skip" in sample:
@@ -102,15 +111,22 @@ def collate(encoded: list, pad_id: int, is_encoder_decoder: bool, position: int,
     counted = labels if is_encoder_decoder else labels[:, 1:]
     real = int(attention.sum())
     return Batch({"input_ids": input_ids, "attention_mask": attention, "labels": labels},
-                 label_tokens=int((counted != IGNORE_INDEX).sum()), real_tokens=real,
+                 loss_units=int((counted != IGNORE_INDEX).sum()), real_tokens=real,
                  total_tokens=input_ids.numel(), position=position, samples=n,
                  sample_hashes=[sample_hash(e.input_ids) for e in encoded] if trace else [], counts=counts or Counter(),
                  real=attention.bool())
 
 
 def batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int,
-                 is_encoder_decoder: bool = False, trace: bool = False) -> Iterator[Batch]:
-    """Group encoded samples into batches of batch_size (the epoch's last may be smaller)."""
+                 is_encoder_decoder: bool = False, trace: bool = False, collate_pending=None) -> Iterator[Batch]:
+    """Group encoded samples into batches of batch_size (the epoch's last may be smaller); `collate_pending`
+    (pending, pad_id, position, counts) builds them when the samples are not single sequences (pairs)."""
+
+    def batch(pending, position, counts):
+        if collate_pending is not None:
+            return collate_pending(pending, pad_id, position, counts)
+        return collate(pending, pad_id, is_encoder_decoder, position, trace, counts)
+
     pending: list = []
     counts: Counter = Counter()
     position = 0
@@ -120,10 +136,10 @@ def batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int,
             continue
         pending.append(encoded)
         if len(pending) == batch_size:
-            yield collate(pending, pad_id, is_encoder_decoder, position + 1, trace, counts)
+            yield batch(pending, position + 1, counts)
             pending, counts = [], Counter()
     if pending:
-        yield collate(pending, pad_id, is_encoder_decoder, position + 1, trace, counts)
+        yield batch(pending, position + 1, counts)
 
 
 def pack_rows(encoded: list, max_len: int) -> list[list]:
@@ -175,14 +191,36 @@ def collate_packed(rows: list[list], pad_id: int, position: int, skip: int, trac
         mask[i, :start] = True
         real += start
     return Batch({"input_ids": input_ids, "position_ids": position_ids, "labels": labels},
-                 label_tokens=int((labels != IGNORE_INDEX).sum()), real_tokens=real, total_tokens=n * width,
+                 loss_units=int((labels != IGNORE_INDEX).sum()), real_tokens=real, total_tokens=n * width,
                  position=position, samples=sum(len(r) for r in rows), sample_hashes=hashes, skip=skip,
                  counts=counts or Counter(), sample_positions=positions or [], real=mask)
 
 
+class SamplePacker:
+    """How packed_batches_from packs single samples: best fit into rows, batch_size rows a batch."""
+
+    @staticmethod
+    def tokens(encoded) -> int:
+        return len(encoded.input_ids)
+
+    @staticmethod
+    def groups(encoded: list, max_len: int, batch_size: int) -> list:
+        rows = pack_rows(encoded, max_len)
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+    @staticmethod
+    def samples(group) -> list:
+        return [e for row in group for e in row]
+
+    @staticmethod
+    def collate(group, pad_id: int, position: int, skip: int, trace: bool, counts, positions) -> Batch:
+        return collate_packed(group, pad_id, position, skip, trace, counts, positions)
+
+
 def packed_batches_from(stream: Iterable[tuple[int, object, Counter]], batch_size: int, pad_id: int, max_len: int,
-                        trace: bool = False, chunk_rows: int = 32) -> Iterator[Batch]:
-    """Pack chunks of samples (chunk_rows batches' worth of tokens, at least CHUNK_TOKENS) into full rows.
+                        trace: bool = False, chunk_rows: int = 32, packer=SamplePacker) -> Iterator[Batch]:
+    """Pack chunks of samples (chunk_rows batches' worth of tokens, at least CHUNK_TOKENS) into full rows
+    (`packer`: single samples, or preference pairs with lowmem/data/pairs.PairPacker).
 
     A chunk yields several batches; each records the chunk's start and how many of its batches are
     done, so a resume rebuilds the same chunk and drops those. The chunk's counters ride on its last batch.
@@ -197,24 +235,25 @@ def packed_batches_from(stream: Iterable[tuple[int, object, Counter]], batch_siz
         if encoded is None:
             continue
         pending.append((position, encoded))
-        tokens += len(encoded.input_ids)
+        tokens += packer.tokens(encoded)
         if tokens >= budget:
-            yield from _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, position + 1, trace, counts)
+            yield from _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, position + 1, trace, counts,
+                                   packer)
             pending, counts, tokens, chunk_start = [], Counter(), 0, None
     if pending or counts:
-        yield from _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, position + 1, trace, counts)
+        yield from _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, position + 1, trace, counts, packer)
 
 
-def _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, chunk_end, trace, counts) -> Iterator[Batch]:
+def _emit_chunk(pending, batch_size, pad_id, max_len, chunk_start, chunk_end, trace, counts, packer
+                ) -> Iterator[Batch]:
     if not pending:
         return  # every row of the last chunk was skipped: nothing to train, the counts go nowhere
     where = {id(e): p for p, e in pending}
-    rows = pack_rows([e for _, e in pending], max_len)
-    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    groups = packer.groups([e for _, e in pending], max_len, batch_size)
     for j, group in enumerate(groups):
         last = j == len(groups) - 1
-        yield collate_packed(group, pad_id, chunk_end if last else chunk_start, 0 if last else j + 1, trace,
-                             counts if last else None, [where[id(e)] for row in group for e in row])
+        yield packer.collate(group, pad_id, chunk_end if last else chunk_start, 0 if last else j + 1, trace,
+                             counts if last else None, [where[id(e)] for e in packer.samples(group)])
 
 
 def skip_batches(batches: Iterator[Batch], skip: int) -> Iterator[Batch]:

@@ -186,7 +186,7 @@ class SampleEncoder:
     # --- what the template and tokenizer give, worked out once per encoder ---------------------------------
     @cached_property
     def _encode_texts(self) -> Callable[[list[str], bool], list[list[int]]]:
-        return _batch_encoder(self.tokenizer)
+        return batch_encoder(self.tokenizer)
 
     @cached_property
     def _layout(self):
@@ -393,7 +393,7 @@ def _exchanges_to_drop(excess_tokens: int, tokens: int, chars: int, user_starts:
                 len(user_starts) - 1)
 
 
-def _batch_encoder(tokenizer) -> Callable[[list[str], bool], list[list[int]]]:
+def batch_encoder(tokenizer) -> Callable[[list[str], bool], list[list[int]]]:
     """A function that tokenizes many texts in one call: the Rust tokenizer's batch encode when there is one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a Python tokenizer: one batched call through transformers

@@ -16,6 +16,8 @@ class Columns:
     response_column: str = "response"
     text_column: str = "text"
     messages_column: str = "messages"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ import math
 from typing import Iterator
 
 from ..errors import UserError
-from .batches import Batch, Prefetcher, batches_from, encode_stream, packed_batches_from, skip_batches
+from .batches import Batch, Prefetcher, SamplePacker, batches_from, encode_stream, packed_batches_from, skip_batches
 from .encoding import SampleEncoder, Skipped
 from .mixture import Mixture
 from .options import DataOptions
-from .sources import DataInputs, Dataset, data_group, open_dataset
+from .pairs import PairEncoder, PairPacker, collate_pairs
+from .sources import PREFERENCE_KINDS, DataInputs, Dataset, data_group, open_dataset
 from .stream import Shard, iter_shard
 
 PEEK_SAMPLES = 256  # rows encoded before step 1 to refuse a training file with none usable
@@ -43,10 +44,42 @@ class TrainData:
                                   self.names, options.seed)
         self.validation = self._open_validation(inputs, tokenizer, is_encoder_decoder, log)
         self.is_encoder_decoder = is_encoder_decoder
+        self.pairs = self._preference_data(is_encoder_decoder)
         self.packing = options.packing and not is_encoder_decoder  # T5 batches are padded
         self.encoder = self._encoder(tokenizer, self.describe_first())
         self.pad_id = tokenizer.pad_token_id
         self.trace = options.trace_samples
+        self.references: dict[int, object] = {}  # id(dataset source) -> its reference cache (preference pairs)
+
+    def _preference_data(self, is_encoder_decoder: bool) -> bool:
+        """Whether the run trains on preference pairs; pairs mixed with other data, or for T5, are refused."""
+        paired = [d.kind in PREFERENCE_KINDS for d in self.datasets]
+        if not any(paired):
+            return False
+        if not all(paired):
+            other = next(d for d in self.datasets if d.kind not in PREFERENCE_KINDS)
+            raise UserError(f"training data '{other.spec.paths[0]}' is {other.kind} data but other datasets of the "
+                            "run hold preference pairs; train preference pairs on their own (after SFT)")
+        if is_encoder_decoder:
+            raise UserError("preference pairs train decoder models (Llama, Qwen, Mistral, ...), not T5")
+        return True
+
+    def attach_references(self, caches: dict) -> None:
+        """The reference caches of the datasets (training and validation) by dataset name: samples carry their
+        row's reference log-probabilities from then on."""
+        for d in self.datasets + [d for d, _ in self.validation]:
+            if d.name in caches:
+                self.references[id(d.source)] = caches[d.name]
+
+    def _with_reference(self, samples, source):
+        """Samples with `_reference`, their row's reference sums, when the dataset has a cache."""
+        inner = getattr(source, "sources", None)  # a mixture: `_source` says which dataset
+        for position, sample in samples:
+            origin = inner[sample["_source"]] if inner is not None and "_source" in sample else source
+            cache = self.references.get(id(origin))
+            if cache is not None and "_row" in sample:
+                sample = {**sample, "_reference": cache.values(sample["_row"])}
+            yield position, sample
 
     @property
     def kinds(self) -> set[str]:
@@ -67,8 +100,10 @@ class TrainData:
                                 f"training data is {' and '.join(sorted(groups))}; validate on data of the same kind")
         return [(d, d.spec.weight if d.spec.weight is not None else 1.0) for d in sets]
 
-    def _encoder(self, tokenizer, source_name: str) -> SampleEncoder:
+    def _encoder(self, tokenizer, source_name: str):
         o = self.options
+        if self.pairs:
+            return PairEncoder(tokenizer, o.max_seq_len, o.strict, source_name)
         return SampleEncoder(tokenizer, o.max_seq_len, self.is_encoder_decoder, o.train_on, o.train_on_prompt,
                              o.strict, source_name)
 
@@ -93,7 +128,8 @@ class TrainData:
         samples = math.ceil(self.source.num_samples / self.world)
         tokens_only = all(d.kind == "tokens" for d in self.datasets)
         if self.packing and not tokens_only:  # a guess that only sets the LR schedule's length: ~3 samples per row
-            return max(1, math.ceil(samples / (3 * self.options.batch_size)))
+            per_row = 1.5 if self.pairs else 3  # a pair is two documents
+            return max(1, math.ceil(samples / (per_row * self.options.batch_size)))
         return max(1, math.ceil(samples / self.options.batch_size))
 
     def check_before_training(self, vocab_size: int) -> None:
@@ -116,13 +152,15 @@ class TrainData:
 
     def _batches(self, samples, encoder) -> Iterator[Batch]:
         stream = encode_stream(samples, encoder, self.names)
+        o = self.options
         if self.packing:
-            return packed_batches_from(stream, self.options.batch_size, self.pad_id, self.options.max_seq_len,
-                                       self.trace)
-        return batches_from(stream, self.options.batch_size, self.pad_id, self.is_encoder_decoder, self.trace)
+            packer = PairPacker if self.pairs else SamplePacker
+            return packed_batches_from(stream, o.batch_size, self.pad_id, o.max_seq_len, self.trace, packer=packer)
+        return batches_from(stream, o.batch_size, self.pad_id, self.is_encoder_decoder, self.trace,
+                            collate_pairs if self.pairs else None)
 
     def epoch(self, epoch: int, shard: Shard, start_position: int, skip: int = 0) -> Prefetcher:
-        samples = iter_shard(self.source, epoch, shard, start_position)
+        samples = self._with_reference(iter_shard(self.source, epoch, shard, start_position), self.source)
         stream = skip_batches(self._batches(samples, self.encoder), skip)
         return Prefetcher(stream, self.options.prefetch_batches, self.pin_memory)
 
@@ -131,6 +169,6 @@ class TrainData:
         out = []
         for d, weight in self.validation:
             encoder = self._encoder(self.encoder.tokenizer, d.spec.paths[0])
-            samples = iter_shard(d.source, 0, Shard(self.rank, self.world), 0)
+            samples = self._with_reference(iter_shard(d.source, 0, Shard(self.rank, self.world), 0), d.source)
             out.append((d.name, weight, self._batches(samples, encoder)))
         return out

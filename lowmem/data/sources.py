@@ -32,9 +32,11 @@ from .options import Columns, DataOptions
 
 PRETRAIN_KINDS = ("text", "tokens")
 SFT_KINDS = ("prompt_response", "messages", "sharegpt", "records", "sft_cache")
-KINDS = PRETRAIN_KINDS + SFT_KINDS + ("prompts",)  # prompts: a prompt column alone, for generate --batch_file
+PREFERENCE_KINDS = ("preference",)  # a prompt and a chosen and a rejected answer (lowmem/data/pairs.py)
+KINDS = PRETRAIN_KINDS + SFT_KINDS + PREFERENCE_KINDS + ("prompts",)  # prompts: for generate --batch_file
 TABLE_FORMATS = ("parquet", "jsonl")
-COLUMN_FLAGS = ("prompt_column", "response_column", "text_column", "messages_column")
+COLUMN_FLAGS = ("prompt_column", "response_column", "text_column", "messages_column", "chosen_column",
+                "rejected_column")
 SPEC_KEYS = ("path", "weight", "name", "format") + COLUMN_FLAGS
 HEAD_ROWS = 1000  # jsonl rows whose keys, together, decide the file's columns (a bounded read, never the file)
 _WEIGHTED = re.compile(r"^(?P<path>.+):(?P<weight>\d+(\.\d*)?([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)$")
@@ -289,6 +291,12 @@ def detect_kind(path: str, fmt: str, spec: DatasetSpec, columns: Columns) -> tup
     col = {flag: spec.column(columns, flag) for flag in COLUMN_FLAGS}
     system = {"system": "system"} if "system" in names else {}
     forced = spec.format
+    answers = {col["chosen_column"], col["rejected_column"]}
+    if forced in (None, "preference") and answers <= set(names):  # before messages: its prompt may be a messages column
+        prompt = next((c for c in (col["prompt_column"], col["messages_column"], "messages") if c in names), None)
+        if prompt is not None:
+            return "preference", {"prompt": prompt, "chosen": col["chosen_column"], "rejected": col["rejected_column"],
+                                  **system}
     if forced in (None, "messages", "sharegpt"):
         for column in (col["messages_column"], "messages", "conversations"):
             if column in names:
@@ -304,10 +312,12 @@ def detect_kind(path: str, fmt: str, spec: DatasetSpec, columns: Columns) -> tup
         return "text", {"text": col["text_column"]}
     if forced in (None, "prompts") and col["prompt_column"] in names:
         return "prompts", {"prompt": col["prompt_column"], **system}
-    wanted = f"format '{forced}'" if forced else ("messages or conversations, user_id+target, "
-                                                  f"{col['prompt_column']}+{col['response_column']}, or {col['text_column']}")
+    wanted = f"format '{forced}'" if forced else (
+        f"messages or conversations, user_id+target, {col['prompt_column']}+{col['response_column']}, "
+        f"{col['prompt_column']}+{col['chosen_column']}+{col['rejected_column']}, or {col['text_column']}")
     raise UserError(f"data file '{path}' has columns {sorted(names)}, none of which fit {wanted}; name the columns "
-                    "with --prompt_column/--response_column/--text_column/--messages_column")
+                    "with --prompt_column/--response_column/--text_column/--messages_column/--chosen_column/"
+                    "--rejected_column")
 
 
 @dataclass
@@ -362,4 +372,4 @@ def open_dataset(spec: DatasetSpec, options: DataOptions, tokenizer=None, is_enc
 
 
 def data_group(kind: str) -> str:
-    return "pretraining" if kind in PRETRAIN_KINDS else "SFT"
+    return "pretraining" if kind in PRETRAIN_KINDS else "preference" if kind in PREFERENCE_KINDS else "SFT"

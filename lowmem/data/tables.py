@@ -118,6 +118,7 @@ class ShardTable:
                 self.empty_shards.append(path)
             self.units.extend(units)
         self.num_samples = sum(u.rows for u in self.units)
+        self.unit_first = np.cumsum([0] + [u.rows for u in self.units[:-1]])  # a unit's first row in file order
         if self.num_samples == 0:
             listed = ", ".join(f"'{p}'" for p in self.paths[:3]) + (" ..." if len(self.paths) > 3 else "")
             raise UserError(f"data file {listed} is empty (no rows); point --train_file/--validation_file at data")
@@ -156,7 +157,9 @@ class ShardTable:
             if column not in schema.names:
                 continue  # optional columns (e.g. system) may be absent
             type_name = str(schema.field(column).type)
-            if canonical in ("prompt", "response", "text", "system") and type_name not in STRING_TYPES:
+            conversational = "chosen" in self.columns and canonical == "prompt"  # pairs' prompts may be messages
+            if canonical in ("prompt", "response", "text", "system") and type_name not in STRING_TYPES \
+                    and not conversational:
                 raise UserError(f"column '{column}' of '{path}' has type {type_name}, expected string")
 
     # ---------------------------------------------------------------- the epoch's order
@@ -170,27 +173,34 @@ class ShardTable:
         return self._layout[1], self._layout[2]
 
     def sample(self, epoch: int, index: int) -> dict:
-        """The index-th row of the epoch's order, with canonical keys (prompt, response, text, messages, ...)."""
+        """The index-th row of the epoch's order, with canonical keys (prompt, response, text, messages, ...) and
+        `_row`, its row number in the dataset's files (what data stored per row, like reference log-probabilities,
+        is found by)."""
         windows, starts = self._epoch_layout(epoch)
         w = bisect.bisect_right(starts, index) - 1
         if self._window is None or self._window[0] != (epoch, w):
-            self._window = ((epoch, w), self._read_window(epoch, w, windows[w]), {})
-        _, rows, converted = self._window
+            self._window = ((epoch, w), *self._read_window(epoch, w, windows[w]), {})
+        _, rows, numbers, converted = self._window
         offset = index - starts[w]
         chunk = offset // CONVERT_ROWS
         if chunk not in converted:
             converted.clear()  # one chunk of Python objects at a time
             converted[chunk] = self._convert(rows, chunk * CONVERT_ROWS)
+            for row, number in zip(converted[chunk], numbers[chunk * CONVERT_ROWS:]):
+                row["_row"] = int(number)
         return converted[chunk][offset % CONVERT_ROWS]
 
     # ---------------------------------------------------------------- reading
 
     def _read_window(self, epoch: int, w: int, unit_ids: list[int]):
-        """The window's rows in their shuffled order: an Arrow table (parquet) or a list of dicts (jsonl)."""
+        """The window's rows in their shuffled order (an Arrow table for parquet, a list of dicts for jsonl), and
+        their row numbers in the files."""
         order = window_order(self.seed, epoch, w, sum(self.units[u].rows for u in unit_ids), self.shuffle)
+        numbers = np.concatenate([np.arange(self.unit_first[u], self.unit_first[u] + self.units[u].rows)
+                                  for u in unit_ids])[order]
         if self.format == "jsonl":
             rows = [row for u in unit_ids for row in self._read_block(self.units[u])]
-            return [rows[i] for i in order]
+            return [rows[i] for i in order], numbers
         import pyarrow as pa
 
         parts = []
@@ -204,7 +214,7 @@ class ShardTable:
                 raise UserError(f"'{self.paths[unit.shard]}' row group {unit.part} cannot be read "
                                 f"({str(exc).splitlines()[0]}); the file is damaged: recreate it") from None
         table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        return table.take(order)
+        return table.take(order), numbers
 
     def unit_rows(self, u: int) -> list[dict]:
         """The rows of one unit in file order, with canonical keys (the tokenize-once cache reads these)."""
