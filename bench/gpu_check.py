@@ -1,6 +1,6 @@
 """One GPU call that measures what the open issues ask, each part under its own time guard.
 
-    python3 bench/gpu_check.py --out $OUT --wheels wheels     # one CUDA GPU, at most --budget (420) s
+    python3 bench/gpu_check.py --out $OUT --wheels wheels     # one CUDA GPU, at most --budget (470) s
     python3 bench/gpu_check.py --cpu --out /tmp/gpu_check      # tiny shapes on CPU; tests/test_gpu_check.py runs it
 
 Parts, in order of value (--parts picks and orders them; --guard PART=SECONDS changes a guard):
@@ -14,14 +14,23 @@ Parts, in order of value (--parts picks and orders them; --guard PART=SECONDS ch
   7b            `python train_low_mem.py train` (the trainer's own path) on the 7b preset, seq 2048, micro-batch 8,
                 adamw_8bit, bf16 weights, gradient checkpointing: time to the first step, host peak RSS, tokens/s
                 and peak GPU memory, read from the run's metrics.jsonl; the process is killed after a few steps
+  lora7b        the same command line with LoRA r=16 on every linear layer of the blocks over a bf16 base, gradient
+                checkpointing, micro-batch 2 (1 on out-of-memory) and --max_gpu_memory_gb=20
+  qlora7b       lora7b with --qlora=True (a 4-bit NF4 base). The bf16 base is built and quantised on the host, so
+                its 60 s guard may be tight. On CPU the trainer refuses QLoRA in one line: the row says so
+  preference    medium preset, documents (prompt + answer) of 40..~1200 tokens: DPO with the reference cache (built
+                before step 1, so it counts in the time to the first step) against DPO with --reference=model (a
+                frozen copy), and SFT on prompt + chosen at the same rows per micro-batch: time to the first step,
+                step time, tokens/s and peak memory (GPU; host RSS on CPU)
   gpu_tests     python -m pytest -q tests -k "gpu and not gpu_check" (the tests that skip on CPU)
   graph_breaks  torch._dynamo.explain of the training forward (the call lowmem/objective.py makes) with and without the
                 chunked loss, checkpointing and packed position ids (FlexAttention on CUDA); graphs built over
                 several widths. Each config's row lands as it is done, so a guard that runs out keeps the rows so far
 
-Every trainer run is a fresh subprocess (`--worker <json>`) whose timeout is what is left of its part's guard,
-so an out-of-memory or a hang loses one row, not the call. DIR/gpu_check.json and DIR/gpu_check.md are
-rewritten after every part; DIR/gpu_check_runs.log holds each subprocess's output, DIR/gpu_check_7b.log the 7B run's.
+Every trainer run is a fresh subprocess (`--worker <json>`, or the command line) whose timeout is what is left of its
+part's guard, so an out-of-memory or a hang loses one row, not the call. DIR/gpu_check.json and DIR/gpu_check.md are
+rewritten after every part; DIR/gpu_check_runs.log holds each subprocess's output, DIR/gpu_check_<run>.log each
+command-line run's (7b, lora7b_mb2, qlora7b_mb2, ...).
 """
 from __future__ import annotations
 
@@ -40,12 +49,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import REPO, RESULT_TAG, fmt  # noqa: E402
 
-PARTS = ("1b", "packed", "7b", "gpu_tests", "graph_breaks")
-# seconds; on the GPU the last two parts take whatever is left of --budget (graph_breaks is also measured on CPU)
-GUARDS = {"1b": 165, "packed": 115, "7b": 70, "gpu_tests": 420, "graph_breaks": 420}
-CPU_GUARDS = {"1b": 120, "packed": 120, "7b": 90, "gpu_tests": 60, "graph_breaks": 90}  # a loaded 2-core CPU
+PARTS = ("1b", "packed", "7b", "lora7b", "qlora7b", "preference", "gpu_tests", "graph_breaks")
+# seconds; the parts before gpu_tests add up to the default --budget, the last two take whatever is left of it
+# (graph_breaks is also measured on CPU). qlora7b quantises a 7B base built on the host: 60 s may be tight
+GUARDS = {"1b": 145, "packed": 100, "7b": 60, "lora7b": 50, "qlora7b": 55, "preference": 60, "gpu_tests": 470,
+          "graph_breaks": 470}  # 470 s in all: an 8-minute call keeps 10 s for start-up and the report
+CPU_GUARDS = {"1b": 120, "packed": 120, "7b": 90, "lora7b": 90, "qlora7b": 60, "preference": 120, "gpu_tests": 60,
+              "graph_breaks": 90}  # a loaded 2-core CPU
 TARGETS = {"1b_vs_hf_compile": 1.1, "1b_mfu": 0.55, "packed_vs_hf": 1.5, "packed_vs_flatten": 1.0,
-           "7b_tokens_per_sec": 9000, "7b_gpu_gib": 45, "7b_rss_gib": 32, "7b_first_step_s": 60}
+           "7b_tokens_per_sec": 9000, "7b_gpu_gib": 45, "7b_rss_gib": 32, "7b_first_step_s": 60,
+           "lora7b_gpu_gib": 20, "qlora7b_gpu_gib": 12, "dpo_cache_vs_model": 1.25, "dpo_cache_vs_sft_memory": 1.10}
 GPU_TEST_FILTER = "gpu and not gpu_check"  # -k also matches module names: this file's own test is CPU-sized
 
 
@@ -68,11 +81,17 @@ class Shapes:
     records_7b: int = 6
     preset_graph: str = "tiny"  # dynamo tracing is host-bound and grows with the layers; 4 layers show every break
     optim_7b: tuple = ("--optimizer=adamw_8bit", "--bf16_weights=True")
+    mbs_lora: tuple = (2, 1)
+    lora_gpu_gb: float = 20.0  # --max_gpu_memory_gb of the LoRA runs (the flag refuses to run on CPU)
+    preset_pref: str = "medium"
+    pairs: int = 256
+    mb_pref: int = 4  # pairs per micro-batch: 2 x 4 rows
     min_run_s: float = 20.0
 
 
 CPU_SHAPES = Shapes(preset_1b="tiny", mbs_1b=(2, 1), seq=64, vocab=2048, warmup=1, steps=2, preset_packed="tiny",
                     rows=2, lengths=(8, 60), samples=300, preset_7b="tiny", mb_7b=2, records_7b=3, min_run_s=2.0,
+                    lora_gpu_gb=0.0, preset_pref="tiny", pairs=16, mb_pref=2,
                     # torchao compiles its 8-bit step on first use: 40 s on a 2-core CPU, so CPU mode checks the rest
                     optim_7b=("--optimizer=adamw", "--bf16_weights=False"))
 
@@ -128,11 +147,21 @@ def _in_process(spec: dict) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     started = time.time()
+    _reset_peak_rss()
     try:
-        return dict(worker(spec), wall_s=round(time.time() - started, 1))
+        return dict(worker(spec), wall_s=round(time.time() - started, 1), host_peak_rss_gib=_peak_rss_gib(os.getpid()))
     finally:  # the next run builds its own Accelerator
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def _reset_peak_rss() -> None:
+    """Restart this process's RSS high-water mark (Linux), so each in-process run reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # elsewhere the peak is the process's so far, as before
+        pass
 
 
 def status(result: dict) -> str:
@@ -140,6 +169,8 @@ def status(result: dict) -> str:
         return "ok"
     if result.get("skipped"):
         return "skipped (" + result.get("error", "") + ")"
+    if result.get("refused"):
+        return "refused on CPU as expected: " + result.get("error", "").split("first step: ")[-1][:160]
     if result.get("oom"):
         return "OOM"
     if result.get("unavailable"):  # the UserError's reason, without its advice
@@ -280,28 +311,12 @@ def _tps(result: dict):
 # part 3: 7B through the trainer's own command line
 # ----------------------------------------------------------------------------------------------
 def part_7b(check, deadline: float) -> dict:
-    from config import TrainConfig
-
-    s, run_dir = check.shapes, os.path.join(check.workdir, f"run7b_{int(time.time())}")
-    metrics = os.path.join(TrainConfig(run_name="gpu_check_7b", output_dir=run_dir).logging_dir(), "metrics.jsonl")
-    flags = [f"--model_preset={s.preset_7b}", f"--max_seq_len={s.seq}", f"--batch_size_per_gpu={s.mb_7b}",
-             *s.optim_7b, "--gradient_checkpointing=True",
-             f"--train_file={check.windows}", f"--tokenizer_dir={check.tokenizer}", "--validation_file=",
-             "--test_file=", "--max_steps=1000", "--warmup_steps=10", "--learn_rate=1e-4", "--logging_steps=1",
-             "--eval_steps=100000", "--save_steps=100000", "--report_to=none", f"--output_dir={run_dir}",
-             "--run_name=gpu_check_7b", "--test_generation_samples=0", "--overwrite_output_dir=True"]
-    cmd = [sys.executable, os.path.join(REPO, "train_low_mem.py"), "train", *flags]
-    left = deadline - time.time()
-    if left < s.min_run_s:
-        result = {"ok": False, "skipped": True, "error": f"time guard: {left:.0f}s left"}
-    else:
-        print(f"[{check.elapsed():5.0f}s] 7b: the trainer's own command line", flush=True)
-        result = watch_training(cmd, metrics, s.records_7b, left, os.path.join(check.args.out, "gpu_check_7b.log"))
+    s = check.shapes
+    result = trainer_run(check, "7b", [f"--model_preset={s.preset_7b}", f"--batch_size_per_gpu={s.mb_7b}", *s.optim_7b,
+                                       "--gradient_checkpointing=True"], deadline)
     header = ["preset", "micro-batch", "time to first step s", "tokens/s", "MFU", "peak GPU alloc GiB (metrics)",
               "peak GPU used GiB (nvidia-smi)", "host peak RSS GiB", "steps read", "status"]
-    row = [s.preset_7b, str(s.mb_7b), fmt(result.get("first_step_s"), ".0f"), fmt(result.get("tokens_per_sec"), ",.0f"),
-           _pct(result.get("mfu")), fmt(result.get("gpu_peak_gib"), ".1f"), fmt(result.get("gpu_used_gib"), ".1f"),
-           fmt(result.get("host_peak_rss_gib"), ".1f"), str(result.get("records", 0)), status(result)]
+    row = [s.preset_7b, str(s.mb_7b), *_run_columns(result), status(result)]
     gpu = _max(result.get("gpu_peak_gib"), result.get("gpu_used_gib"))
     tps = result.get("tokens_per_sec")
     checks = [_target("7B tokens/s", fmt(tps, ",.0f"), ">= 9,000", tps, TARGETS["7b_tokens_per_sec"]),
@@ -310,7 +325,34 @@ def part_7b(check, deadline: float) -> dict:
                       result.get("host_peak_rss_gib"), TARGETS["7b_rss_gib"], below=True),
               _target("7B time to first step s", fmt(result.get("first_step_s"), ".0f"), "<= 60",
                       result.get("first_step_s"), TARGETS["7b_first_step_s"], below=True)]
-    return {"runs": [dict(result, command=cmd)], "table": md_table(header, [row]), "targets": checks}
+    return {"runs": [result], "table": md_table(header, [row]), "targets": checks}
+
+
+def trainer_run(check, name: str, flags: list[str], deadline: float) -> dict:
+    """`python train_low_mem.py train` on the bench's token file, killed once records_7b steps are logged."""
+    from config import TrainConfig
+
+    s, run_name = check.shapes, f"gpu_check_{name}"
+    run_dir = os.path.join(check.workdir, f"run_{name}_{time.time_ns()}")
+    metrics = os.path.join(TrainConfig(run_name=run_name, output_dir=run_dir).logging_dir(), "metrics.jsonl")
+    cmd = [sys.executable, os.path.join(REPO, "train_low_mem.py"), "train", *flags, f"--max_seq_len={s.seq}",
+           f"--train_file={check.windows}", f"--tokenizer_dir={check.tokenizer}", "--validation_file=",
+           "--test_file=", "--max_steps=1000", "--warmup_steps=10", "--learn_rate=1e-4", "--logging_steps=1",
+           "--eval_steps=100000", "--save_steps=100000", "--report_to=none", f"--output_dir={run_dir}",
+           f"--run_name={run_name}", "--test_generation_samples=0", "--overwrite_output_dir=True"]
+    left = deadline - time.time()
+    if left < s.min_run_s:
+        return {"ok": False, "skipped": True, "error": f"time guard: {left:.0f}s left", "command": cmd}
+    print(f"[{check.elapsed():5.0f}s] {name}: the trainer's own command line", flush=True)
+    log = os.path.join(check.args.out, f"gpu_check_{name}.log")
+    return dict(watch_training(cmd, metrics, s.records_7b, left, log), command=cmd, log=log)
+
+
+def _run_columns(result: dict) -> list[str]:
+    """The columns of a command-line run, from time to first step to the steps read."""
+    return [fmt(result.get("first_step_s"), ".0f"), fmt(result.get("tokens_per_sec"), ",.0f"), _pct(result.get("mfu")),
+            fmt(result.get("gpu_peak_gib"), ".1f"), fmt(result.get("gpu_used_gib"), ".1f"),
+            fmt(result.get("host_peak_rss_gib"), ".1f"), str(result.get("records", 0))]
 
 
 def watch_training(cmd: list[str], metrics_path: str, records: int, timeout: float, log_path: str) -> dict:
@@ -330,7 +372,7 @@ def watch_training(cmd: list[str], metrics_path: str, records: int, timeout: flo
         if finished is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the numbers are in; the export of a 7B model is not measured
             proc.wait()
-    result = {"records": len(steps), "host_peak_rss_gib": rss or None, "gpu_used_gib": gpu_used,
+    result = {"records": len(steps), "host_peak_rss_gib": rss or None, "gpu_used_gib": gpu_used, "rc": finished,
               "wall_s": round(time.time() - start, 1)}
     if steps:
         result.update(ok=True, first_step_s=steps[0]["time"] - start,
@@ -341,7 +383,8 @@ def watch_training(cmd: list[str], metrics_path: str, records: int, timeout: flo
                                         / max(steps[-1]["time"] - steps[0]["time"], 1e-9))
     else:
         why = "time guard: no step logged" if finished is None else f"rc={finished} before the first step"
-        result.update(ok=False, error=f"{why}: {_last_line(log_path)}")
+        last = _last_line(log_path)
+        result.update(ok=False, error=f"{why}: {last}", oom="out of memory" in last.lower())
     return result
 
 
@@ -397,7 +440,128 @@ def _max(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# part 4: graph breaks of the training forward under torch.compile
+# parts 4 and 5: 7B LoRA and QLoRA through the trainer's own command line
+# ----------------------------------------------------------------------------------------------
+def part_lora7b(check, deadline: float) -> dict:
+    return _adapter_part(check, deadline, qlora=False)
+
+
+def part_qlora7b(check, deadline: float) -> dict:
+    return _adapter_part(check, deadline, qlora=True)
+
+
+def _adapter_part(check, deadline: float, qlora: bool) -> dict:
+    """LoRA r=16 on every linear layer of the blocks, bf16 base (the run computes in bf16 on the GPU), checkpointing;
+    the first micro-batch of mbs_lora that fits under --max_gpu_memory_gb."""
+    s, name, label = check.shapes, "qlora7b" if qlora else "lora7b", "7B QLoRA" if qlora else "7B LoRA"
+    flags = [f"--model_preset={s.preset_7b}", "--lora_r=16", "--lora_alpha=32", "--gradient_checkpointing=True"]
+    flags += [f"--max_gpu_memory_gb={s.lora_gpu_gb:g}"] if check.device == "cuda" else []
+    flags += ["--qlora=True"] if qlora else []
+    runs = []
+    for mb in s.mbs_lora:
+        result = dict(trainer_run(check, f"{name}_mb{mb}", [*flags, f"--batch_size_per_gpu={mb}"], deadline), mb=mb)
+        if qlora and check.device == "cpu":
+            result["refused"] = _refused_on_cpu(result)
+        runs.append(result)
+        if not result.get("oom"):
+            break
+    header = ["run", "micro-batch", "time to first step s", "tokens/s", "MFU", "peak GPU alloc GiB (metrics)",
+              "peak GPU used GiB (nvidia-smi)", "host peak RSS GiB", "steps read", "status"]
+    rows = [[label, str(r["mb"]), *_run_columns(r), status(r)] for r in runs]
+    last = runs[-1]
+    gpu = _max(last.get("gpu_peak_gib"), last.get("gpu_used_gib")) if last.get("ok") else None
+    bound = TARGETS[f"{name}_gpu_gib"]
+    checks = [_target(f"{label} peak GPU memory GiB", fmt(gpu, ".1f"), f"< {bound}", gpu, bound, below=True)]
+    if not qlora:
+        fits = f"micro-batch {last['mb']}" if last.get("ok") else status(last)
+        cap = f" (--max_gpu_memory_gb={s.lora_gpu_gb:g})" if check.device == "cuda" else ""
+        checks.append({"check": f"{label} fits at micro-batch 1-2{cap}",
+                       "measured": fits, "target": "micro-batch 1 or 2",
+                       "met": "yes" if last.get("ok") else "-" if last.get("skipped") else "no"})
+    return {"runs": runs, "table": md_table(header, rows), "targets": checks}
+
+
+def _refused_on_cpu(result: dict) -> bool:
+    """On CPU the trainer refuses --qlora=True in one line (exit 2, no traceback): what CPU mode expects."""
+    if result.get("rc") != 2 or not os.path.isfile(result.get("log", "")):
+        return False
+    with open(result["log"], errors="replace") as f:
+        text = f.read()
+    return "Traceback" not in text and "--qlora=True cannot run here: it needs a CUDA GPU" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# part 6: DPO with the reference cache, with a frozen reference model, and SFT on the same rows
+# ----------------------------------------------------------------------------------------------
+def write_pair_files(folder: str, shapes: Shapes) -> tuple[str, str]:
+    """Preference pairs {prompt, chosen, rejected} of the tokenizer's words t<id>, and the same prompts with the chosen
+    answer as SFT rows {prompt, response}; a document (prompt + answer) stays under seq."""
+    s = shapes
+    prefix = os.path.join(folder, f"pairs_{s.pairs}_{s.lengths[0]}_{s.seq}_v{s.vocab}")
+    pairs, sft = prefix + ".jsonl", prefix + "_sft.jsonl"
+    if os.path.isfile(pairs) and os.path.isfile(sft):
+        return pairs, sft
+
+    def words(ids):
+        return " ".join(f"t{i}" for i in ids)
+
+    prompts, chosen, rejected = (synthetic_samples(s.pairs, (s.lengths[0], s.seq // k), s.vocab, seed)
+                                 for seed, k in ((1, 4), (2, 3), (3, 3)))
+    rows = [{"prompt": words(p), "chosen": words(c), "rejected": words(r)}
+            for p, c, r in zip(prompts, chosen, rejected)]
+    for path, lines in ((sft, [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows]), (pairs, rows)):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        os.replace(path + ".tmp", path)
+    return pairs, sft
+
+
+def part_preference(check, deadline: float) -> dict:
+    s = check.shapes
+    pairs, sft = write_pair_files(check.workdir, s)
+    cache_dir = os.path.join(check.workdir, f"refcache_{time.time_ns()}")  # never a stale cache: its build is measured
+    plan = [("DPO, reference cache", pairs, s.mb_pref, {"reference": "cache", "reference_cache_dir": cache_dir}),
+            ("DPO, --reference=model (a frozen copy)", pairs, s.mb_pref, {"reference": "model"}),
+            # the rows a DPO micro-batch holds: each pair is two, prompt + chosen and prompt + rejected
+            ("SFT, prompt + chosen", sft, 2 * s.mb_pref, {})]
+    results = []
+    for i, (label, data, mb, fields) in enumerate(plan):
+        cfg = {"preference_loss": "dpo", **fields} if data == pairs else {}
+        spec = _train_spec(check, f"preference_{i}", s.preset_pref, mb, data, trainer="lowmem", cfg=cfg)
+        results.append((label, run_spec(check, spec, deadline)))
+    (_, cache), (_, model), (_, plain) = results
+    header = ["run", "micro-batch", "time to first step s", "step time s", "tokens/s", "peak GPU alloc / reserved GiB",
+              "host peak RSS GiB", "step time vs --reference=model", "status"]
+    rows = [[label, f"{mb} pairs ({2 * mb} rows)" if data == pairs else f"{mb} rows", fmt(r.get("first_step_s"), ".1f"),
+             fmt(r.get("step_s"), ".3f"), fmt(_tps(r), ",.0f"), _gib_pair(r), fmt(r.get("host_peak_rss_gib"), ".2f"),
+             _ratio(_step_s(model), _step_s(r), "faster"), status(r)]
+            for (label, r), (_, data, mb, _) in zip(results, plan)]
+    memory = "peak GPU alloc" if check.device == "cuda" else "host peak RSS"
+    mem_ratio = _peak_memory(cache) / _peak_memory(plain) if _peak_memory(cache) and _peak_memory(plain) else None
+    speedup = _step_s(model) / _step_s(cache) if _step_s(model) and _step_s(cache) else None
+    checks = [_target(f"DPO cache peak memory vs SFT ({memory})", fmt(mem_ratio, ".2f") + "x SFT" if mem_ratio else "-",
+                      "within 10% of SFT (< 1.10x)", mem_ratio, TARGETS["dpo_cache_vs_sft_memory"], below=True),
+              _target("DPO cache step time vs --reference=model", _ratio(_step_s(model), _step_s(cache), "faster"),
+                      ">= 1.25x faster", speedup, TARGETS["dpo_cache_vs_model"])]
+    note = (f"\n\n{s.pairs} pairs; the cache run computes the reference cache (one forward pass per micro-batch of "
+            "pairs) before its first step, so it is in that run's time to first step, not in its step time.")
+    return {"runs": [r for _, r in results], "table": md_table(header, rows) + note, "targets": checks}
+
+
+def _step_s(result: dict):
+    return result.get("step_s") if result.get("ok") else None
+
+
+def _peak_memory(result: dict):
+    """Peak GPU memory on CUDA, else the host's peak RSS (CPU mode)."""
+    if not result.get("ok"):
+        return None
+    return result.get("peak_alloc_gib") if result.get("spec", {}).get("device") == "cuda" else result.get(
+        "host_peak_rss_gib")
+
+
+# ----------------------------------------------------------------------------------------------
+# part 7: graph breaks of the training forward under torch.compile
 # ----------------------------------------------------------------------------------------------
 GRAPH_CONFIGS = [  # (name, TrainConfig fields, packed position ids, count graphs over several widths)
     ("token windows (mask of ones)", {}, False, False),
@@ -535,7 +699,7 @@ def _short_path(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# part 5: the GPU tests
+# part 8: the GPU tests
 # ----------------------------------------------------------------------------------------------
 def part_gpu_tests(check, deadline: float) -> dict:
     cpu = check.device == "cpu"  # CPU mode checks the command and the selection, on one file, and runs nothing
@@ -594,6 +758,9 @@ def _install_bench_hooks() -> None:
         from lowmem.attention import attention_backend
 
         got = _HOOKED["lowmem"](spec, workdir)
+        times, w = got["step_times"], spec["warmup"]
+        got["first_step_s"] = times[0] - got["t0"] if times else None  # data, model and a reference cache built
+        got["step_s"] = (times[-1] - times[w - 1]) / (len(times) - w) if len(times) > w else None
         cfg = benchlib._train_config(spec, workdir)
         got["attn"] = attention_backend(cfg)
         got.update(_real_tokens(_step_records(os.path.join(cfg.logging_dir(), "metrics.jsonl")), spec["warmup"]))
@@ -814,7 +981,7 @@ def parse_args(argv=None):
     ap.add_argument("--wheels", default="", help="folder of .whl files pip-installed (no deps, no index) first")
     ap.add_argument("--site", default="/tmp/gpu_check_site", help="where --wheels are installed")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, in running order: {', '.join(PARTS)}")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole call; parts past it are skipped")
+    ap.add_argument("--budget", type=float, default=470.0, help="seconds for the whole call; parts past it are skipped")
     ap.add_argument("--guard", action="append", default=[], help="PART=SECONDS, the most a part may take")
     ap.add_argument("--lowmem_best", default="", help='1b part: JSON of bench spec fields, e.g. {"cfg": '
                                                        '{"chunked_cross_entropy": true}}')
@@ -847,8 +1014,8 @@ def main(argv=None) -> int:
     print(f"gpu_check | {check.report['date']} | {check.device} | " +
           " | ".join(f"{k} {v}" for k, v in check.report["environment"].items()), flush=True)
     check.prepare_assets()
-    functions = {"1b": part_1b, "packed": part_packed, "7b": part_7b, "graph_breaks": part_graph_breaks,
-                 "gpu_tests": part_gpu_tests}
+    functions = {"1b": part_1b, "packed": part_packed, "7b": part_7b, "lora7b": part_lora7b, "qlora7b": part_qlora7b,
+                 "preference": part_preference, "graph_breaks": part_graph_breaks, "gpu_tests": part_gpu_tests}
     for name in args.parts:
         check.run_part(name, functions[name])
     print("\n" + targets_table(check.report), flush=True)

@@ -321,26 +321,20 @@ def _weights(path):
 
 
 def test_two_machines_match_one_process(tmp_path, tokenizer_dir, qa_files):
-    """Two 'machines' x 4 samples, checkpointed and resumed, export what one process x 8 samples computes."""
+    """Two 'machines' x 4 samples export what one process x 8 samples computes (resuming on several processes is
+    tested with one machine: tests/test_resume.py, tests/test_run_safety.py)."""
     common = dict(validation_file="", learn_rate=1e-2, warmup_steps=4, lr_scheduler="constant", adam_eps=1e-4,
-                  max_grad_norm=0.0, save_steps=2, train_file=qa_files["train_file"])
-    single = tiny_config(tmp_path / "one", tokenizer_dir, {}, batch_size_per_gpu=8, max_steps=4, **common)
+                  max_grad_norm=0.0, save_steps=4, train_file=qa_files["train_file"], max_steps=4)
+    single = tiny_config(tmp_path / "one", tokenizer_dir, {}, batch_size_per_gpu=8, **common)
     run_in_process(single)
-    multi = tiny_config(tmp_path / "two", tokenizer_dir, {}, batch_size_per_gpu=4, max_steps=2, trace_samples=True,
-                        **common)
-    _two_machines(multi, [], distributed.free_port(), tmp_path)
-    assert os.path.isfile(os.path.join(multi.checkpoint_dir(), "step_00000002", "manifest.json"))
-    first = [_trace(multi, r) for r in (0, 1)]
-    outputs = _two_machines(dataclasses.replace(multi, max_steps=4, is_keep_training=True), [],
-                            distributed.free_port(), tmp_path)
-    assert "resumed from" in outputs[0] and "step 2" in outputs[0]
+    multi = tiny_config(tmp_path / "two", tokenizer_dir, {}, batch_size_per_gpu=4, trace_samples=True, **common)
+    outputs = _two_machines(multi, [], distributed.free_port(), tmp_path)
+    assert "devices: 2 x cpu" in outputs[0]
     seen = [_trace(multi, r) for r in (0, 1)]
-    assert seen[0][:8] == first[0] and len(seen[0]) == len(seen[1]) == 16
-    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == 16 and not set(seen[0]) & set(seen[1])
+    assert os.path.isfile(os.path.join(multi.checkpoint_dir(), "step_00000004", "manifest.json"))
     ref, got = _weights(single.final_dir()), _weights(multi.final_dir())
     assert ref.keys() == got.keys()
-    halfway = _weights(os.path.join(multi.checkpoint_dir(), "step_00000002", "model"))
-    assert max((got[k] - halfway[k]).abs().max().item() for k in got) > 1e-3  # the resumed half trained
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=5e-5)  # 0.5% of a 1e-2 Adam step
     losses = [[r["loss"] for r in read_jsonl(os.path.join(c.logging_dir(), "metrics.jsonl")) if "loss" in r]

@@ -1,12 +1,14 @@
 """bench/gpu_check.py in CPU mode: every part runs at toy sizes and the report has every part, column and target.
 
 The GPU call is one shot; this runs the same code paths (subprocess workers, the trainer's command line,
-the time guards, the wheel install) so that call cannot fail on a typo.
+the time guards, the wheel install) so that call cannot fail on a typo. The first test runs every part but
+gpu_tests, which the second runs after a part its guard kills.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,7 +16,7 @@ import zipfile
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
-PARTS = ["1b", "packed", "7b", "gpu_tests", "graph_breaks"]
+PARTS = ["1b", "packed", "7b", "lora7b", "qlora7b", "preference", "graph_breaks"]
 
 
 def _run(*args, timeout=1800):
@@ -32,8 +34,8 @@ def _report(out) -> tuple[dict, str]:
 
 
 def test_cpu_mode_reports_every_part_column_and_target(tmp_path):
-    out = tmp_path / "out"
-    _run("--out", str(out), "--workdir", str(tmp_path / "work"))
+    out, work = tmp_path / "out", tmp_path / "work"
+    printed = _run("--out", str(out), "--workdir", str(work), "--parts", ",".join(PARTS)).stdout
     report, md = _report(out)
     parts = report["parts"]
     assert list(parts) == PARTS and all(p["status"] == "done" for p in parts.values()), parts
@@ -63,6 +65,39 @@ def test_cpu_mode_reports_every_part_column_and_target(tmp_path):
     for column in ("time to first step s", "tokens/s", "peak GPU alloc GiB", "host peak RSS GiB"):
         assert column in parts["7b"]["table"], column
 
+    lora = parts["lora7b"]["runs"]
+    assert len(lora) == 1 and lora[0]["ok"] and lora[0]["records"] >= 3 and lora[0]["mb"] == 2, lora
+    assert lora[0]["first_step_s"] > 0 and lora[0]["tokens_per_sec"] > 0 and lora[0]["host_peak_rss_gib"] > 0
+    assert lora[0]["command"][2] == "train" and "--model_preset=tiny" in lora[0]["command"]
+    for flag in ("--lora_r=16", "--lora_alpha=32", "--gradient_checkpointing=True", "--batch_size_per_gpu=2"):
+        assert flag in lora[0]["command"], flag
+    assert not any(f.startswith(("--max_gpu_memory_gb", "--bf16_weights", "--qlora")) for f in lora[0]["command"])
+    for column in ("time to first step s", "tokens/s", "peak GPU alloc GiB", "host peak RSS GiB", "| 7B LoRA | 2 |"):
+        assert column in parts["lora7b"]["table"], column
+
+    qlora = parts["qlora7b"]["runs"]
+    assert len(qlora) == 1 and qlora[0]["refused"] and qlora[0]["rc"] == 2 and "--qlora=True" in qlora[0]["command"]
+    with open(qlora[0]["log"]) as f:  # the trainer's one-line refusal, not a traceback
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --qlora=True cannot run here: it needs a CUDA GPU"), lines
+    assert "| 7B QLoRA | 2 |" in md and "refused on CPU as expected: error: --qlora=True cannot run here" in md
+
+    preference = parts["preference"]
+    cache, model, sft = preference["runs"]
+    assert cache["ok"] and model["ok"] and sft["ok"], preference["runs"]
+    assert cache["spec"]["cfg"]["reference"] == "cache" and model["spec"]["cfg"]["reference"] == "model"
+    assert cache["spec"]["cfg"]["reference_cache_dir"].startswith(str(work / "refcache_"))
+    assert cache["spec"]["data"] == model["spec"]["data"] != sft["spec"]["data"]
+    assert sft["spec"]["mb"] == 2 * cache["spec"]["mb"] == 2 * model["spec"]["mb"]  # a pair is two rows
+    for run in (cache, model, sft):
+        assert run["first_step_s"] > 0 and run["step_s"] > 0 and run["tokens_per_sec"] > 0, run
+        assert run["host_peak_rss_gib"] > 0
+    # a fresh cache, built before step 1: 16 pairs, 2 per forward pass
+    assert re.search(r"reference cache \S+: 16 rows, computed in 8 forward passes per process", printed)
+    for column in ("DPO, reference cache", "DPO, --reference=model", "SFT, prompt + chosen", "time to first step s",
+                   "step time s", "tokens/s", "host peak RSS GiB", "step time vs --reference=model", "x faster"):
+        assert column in preference["table"], column
+
     graph = parts["graph_breaks"]["runs"][0]
     assert graph["ok"], graph
     rows = {r["config"]: r for r in graph["rows"]}
@@ -72,12 +107,11 @@ def test_cpu_mode_reports_every_part_column_and_target(tmp_path):
     after_two, after_four = chunked["graphs_over_widths"].split(" -> ")
     assert after_two == after_four  # no recompiling per width
 
-    tests = parts["gpu_tests"]["runs"][0]
-    assert tests["ok"] and "collected" in tests["summary"], tests
-
     checks = [t["check"] for p in parts.values() for t in p["targets"]]
     for needle in ("1B tokens/s vs HF-compile", "1B MFU", "HF padding", "HF padding-free", "7B tokens/s",
-                   "7B peak GPU memory", "7B host peak RSS", "7B time to first step", "graph breaks", "GPU tests"):
+                   "7B peak GPU memory", "7B host peak RSS", "7B time to first step", "7B LoRA peak GPU memory",
+                   "7B LoRA fits at micro-batch 1-2", "7B QLoRA peak GPU memory", "DPO cache peak memory vs SFT",
+                   "DPO cache step time vs --reference=model", "graph breaks"):
         assert any(needle in c for c in checks), needle
         assert needle in md
 
@@ -106,5 +140,6 @@ def test_a_part_past_its_guard_is_killed_and_the_rest_still_lands(tmp_path):
     assert report["wheels"]["rc"] == 0 and (site / "gpu_check_probe.py").is_file(), report["wheels"]
     graph = report["parts"]["graph_breaks"]
     assert graph["runs"][0]["error"] == "time guard: killed" and graph["wall_s"] < 20
-    assert report["parts"]["gpu_tests"]["runs"][0]["ok"]
-    assert "time guard: killed" in md
+    tests = report["parts"]["gpu_tests"]
+    assert tests["runs"][0]["ok"] and "collected" in tests["runs"][0]["summary"], tests
+    assert "time guard: killed" in md and "GPU tests" in md

@@ -159,6 +159,15 @@ def test_bad_pairs_are_counted_or_refused(tokenizer_dir):
         PairEncoder(tokenizer, 32, strict=True).encode_many(rows[1:2], [7])
 
 
+def test_a_missing_answer_column_is_named(tmp_path):
+    from lowmem.data.options import DataOptions
+    from lowmem.data.sources import open_dataset, parse_data_arg
+
+    path = write_jsonl(tmp_path / "half.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(UserError, match="has a 'chosen' column but no 'rejected' column"):
+        open_dataset(parse_data_arg(path, "train_file")[0], DataOptions())
+
+
 # ---------------------------------------------------------------- runs
 
 def pair_config(tmp_path, tokenizer_dir, files, **overrides):

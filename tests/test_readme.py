@@ -52,7 +52,8 @@ def readme_commands() -> list[str]:
 
 
 def user_files(root: str) -> None:
-    """What the README assumes a user has: raw data, a corpus, conversations, prompts, a records config."""
+    """What the README assumes a user has: raw data, a corpus, conversations, preference pairs, prompts, a records
+    config."""
     rng = random.Random(0)
     words = "cat dog sun moon tree fish bird rain star book 猫 狗 山 水 花".split()
     os.makedirs(os.path.join(root, "data", "sft"), exist_ok=True)
@@ -69,6 +70,15 @@ def user_files(root: str) -> None:
             for _ in range(60):
                 turns = [{"role": r, "content": " ".join(rng.choices(words, k=4))} for r in ("user", "assistant") * 2]
                 f.write(json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
+    with open(os.path.join(root, "chats.jsonl"), "w", encoding="utf-8") as f:
+        for _ in range(60):
+            turns = [{"role": r, "content": " ".join(rng.choices(words, k=3))} for r in ("user", "assistant")]
+            f.write(json.dumps({"messages": turns}, ensure_ascii=False) + "\n")
+    with open(os.path.join(root, "pairs.jsonl"), "w", encoding="utf-8") as f:
+        for _ in range(40):
+            chosen, rejected = rng.sample(words, 2)
+            f.write(json.dumps({"prompt": " ".join(rng.choices(words, k=4)), "chosen": chosen, "rejected": rejected},
+                               ensure_ascii=False) + "\n")
     with open(os.path.join(root, "prompts.txt"), "w", encoding="utf-8") as f:
         f.write("What is 1 + 2?\n重复：猫 狗 山\n")
     records = os.path.join(root, "records.jsonl")

@@ -292,6 +292,10 @@ def detect_kind(path: str, fmt: str, spec: DatasetSpec, columns: Columns) -> tup
     system = {"system": "system"} if "system" in names else {}
     forced = spec.format
     answers = {col["chosen_column"], col["rejected_column"]}
+    if forced in (None, "preference") and len(answers & set(names)) == 1:
+        have, lack = sorted(answers & set(names))[0], sorted(answers - set(names))[0]
+        raise UserError(f"data file '{path}' has a '{have}' column but no '{lack}' column; preference pairs need a "
+                        "prompt, a chosen and a rejected answer (name them with --chosen_column/--rejected_column)")
     if forced in (None, "preference") and answers <= set(names):  # before messages: its prompt may be a messages column
         prompt = next((c for c in (col["prompt_column"], col["messages_column"], "messages") if c in names), None)
         if prompt is not None:
