@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     tokenizer = benchlib.make_tokenizer(os.path.join(args.work, f"tokenizer{VOCAB}"), VOCAB)
     model = make_model(os.path.join(args.work, f"llama_{args.hidden}x{args.layers}"), tokenizer, args.hidden,
                        args.layers)
-    data = make_data(args.work, 24 * (args.warmup + args.steps) * args.pairs_per_step)
+    data = make_data(args.work, 2 * (args.warmup + args.steps) * args.pairs_per_step)  # every cache is built anew
     b = args.pairs_per_step
     plan = {"sft": (data["sft"], f"--batch_size_per_gpu={2 * b}"),
             "dpo_cache": (data["pairs"], f"--batch_size_per_gpu={b}"),
