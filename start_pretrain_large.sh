@@ -28,8 +28,10 @@ if [ ! -f "$accel_config" ]; then
   echo "error: accelerate config '$accel_config' not found; choose one in accelerate_configs/" >&2
   exit 1
 fi
-# a DeepSpeed config fails deep inside accelerate without deepspeed; say so before anything starts
-if grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config" && ! python -c 'import deepspeed' >/dev/null 2>&1; then
+# a DeepSpeed config fails deep inside accelerate without deepspeed; say so before anything starts (find_spec, as
+# accelerate's own check: importing deepspeed here would cost seconds, and the trainer reports a broken install)
+if grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config" \
+    && ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("deepspeed") is None)' >/dev/null 2>&1; then
   echo "error: $accel_config uses DeepSpeed but deepspeed is not installed; pip install deepspeed (see requirements-gpu.txt)" >&2
   exit 1
 fi

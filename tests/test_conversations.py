@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import REPO, run_in_process, tiny_config
 
 KEYS = {"cat": "狗", "dog": "山", "sun": "水", "moon": "花", "tree": "river", "猫": "stone"}  # first turn -> answer
@@ -35,14 +34,18 @@ def conversation(rng: random.Random) -> list[dict]:
             {"role": "user", "content": "what"}, {"role": "assistant", "content": KEYS[key]}]
 
 
-def chat_answers(model_dir: str, conversations: list[list[dict]]) -> list[str]:
-    """The second answer of each conversation, asked turn by turn through `train_low_mem.py chat` over a pipe."""
-    lines = [line for c in conversations for line in (c[0]["content"], c[2]["content"], "clear")]
+def chat_answers(model_dir: str, conversations: list[list[dict]]) -> tuple[list[str], list[str]]:
+    """Through `train_low_mem.py chat` over a pipe: the second answer of each conversation asked turn by turn, and the
+    answer to its second question asked alone (after `clear`, without the first turn)."""
+    lines = [line for c in conversations for line in (c[0]["content"], c[2]["content"], "clear", c[2]["content"],
+                                                       "clear")]
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_low_mem.py"), "chat", model_dir, "--greedy=True",
                              "--max_new_tokens=6"], input="\n".join(lines) + "\n", capture_output=True, text=True,
                             timeout=1800, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.splitlines()[1::2]
+    answers = result.stdout.splitlines()
+    assert len(answers) == 3 * len(conversations), answers  # one line per answer
+    return answers[1::3], answers[2::3]
 
 
 def test_a_model_trained_on_conversations_answers_from_the_earlier_turn(tmp_path, word_tokenizer):
@@ -62,18 +65,8 @@ def test_a_model_trained_on_conversations_answers_from_the_earlier_turn(tmp_path
                       logging_steps=50)
     summary = run_in_process(cfg)
     assert summary["step"] == 150
-    untrained_dir = str(tmp_path / "untrained")
-    from transformers import AutoTokenizer
-
-    from lowmem.model import build_model
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.final_dir())
-    build_model(cfg, tokenizer).save_pretrained(untrained_dir)
-    tokenizer.save_pretrained(untrained_dir)
     expected = [c[3]["content"] for c in held_out]
-    trained = chat_answers(cfg.final_dir(), held_out)
-    untrained = chat_answers(untrained_dir, held_out)
-    right = sum(a.strip() == e for a, e in zip(trained, expected))
-    assert right >= 20, list(zip(trained, expected))  # one answer for all would get about 5 of 30
-    assert right > sum(a.strip() == e for a, e in zip(untrained, expected))
+    in_context, alone = chat_answers(cfg.final_dir(), held_out)
+    right = sum(a.strip() == e for a, e in zip(in_context, expected))
+    assert right >= 20, list(zip(in_context, expected))  # one answer for all would get about 5 of 30
+    assert sum(a.strip() == e for a, e in zip(alone, expected)) <= right - 10  # the first turn is what decides

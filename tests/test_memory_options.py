@@ -51,15 +51,34 @@ if HAS_TORCHAO:
     CPU_OPTIONS += [("adamw_8bit", True), ("adamw_4bit", False)]
 
 
+@pytest.fixture(scope="module")
+def square_llama_dir(tmp_path_factory, tokenizer_dir):
+    """A 2-layer Llama whose weight matrices all have one shape, saved with the tokenizer: torchao compiles its
+    optimizer step once per parameter shape, for seconds each on a small CPU (the tiny preset has six shapes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("square_llama") / "model")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("optimizer, bf16_weights", CPU_OPTIONS)
-def test_optimizer_trains_saves_and_resumes_exactly(tmp_path, tokenizer_dir, qa_files, optimizer, bf16_weights):
+def test_optimizer_trains_saves_and_resumes_exactly(tmp_path, square_llama_dir, qa_files, optimizer, bf16_weights):
     import dataclasses
     import shutil
 
     from safetensors.torch import load_file
 
-    cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, optimizer=optimizer, bf16_weights=bf16_weights, max_steps=8,
-                      save_steps=4, validation_file="", learn_rate=2e-3, warmup_steps=0)
+    cfg = tiny_config(tmp_path, "", qa_files, optimizer=optimizer, bf16_weights=bf16_weights, max_steps=8,
+                      save_steps=4, validation_file="", learn_rate=2e-3, warmup_steps=0,
+                      finetune_from_ckp_file=square_llama_dir)
     run_in_process(cfg)
 
     def losses():

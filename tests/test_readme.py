@@ -36,6 +36,8 @@ SKIPPED = {  # the start of a command -> why it cannot run here
 }
 TINY = {"--max_steps": "3", "--warmup_steps": "1", "--model_preset": "tiny", "--save_steps": "2", "--eval_steps": "2",
         "--logging_steps": "1", "--test_generation_samples": "3", "--batch_size_per_gpu": "4"}
+SHORTER = {"--max_seq_len": "256"}  # replaced where a command gives it (a cache and its training run agree)
+TINY_EVALUATE = {"--max_examples": "16"}  # the demo's 200 test questions, answered one by one, are the slow part
 
 
 def readme_commands() -> list[str]:
@@ -94,21 +96,24 @@ def user_files(root: str) -> None:
 
 
 def with_tiny_sizes(args: list[str]) -> list[str]:
-    """A `train` command with tiny sizes: flags it has are given a tiny value, missing ones appended."""
+    """A command with tiny sizes: `train` gets TINY (flags it has are given a tiny value, missing ones appended),
+    `evaluate` TINY_EVALUATE, and each command SHORTER's values for the flags it gives."""
+    tiny = {"train": TINY, "evaluate": TINY_EVALUATE}.get(args[0], {})
+    given = {**SHORTER, **tiny}
     out, seen = [], set()
     i = 0
     while i < len(args):
         word = args[i]
         name = word.split("=", 1)[0]
-        if name in TINY:
+        if name in given:
             seen.add(name)
-            out.append(f"{name}={TINY[name]}")
+            out.append(f"{name}={given[name]}")
             i += 1 if "=" in word else 2
             continue
         out.append(word)
         i += 1
     uses_config_file = "--config" in (a.split("=", 1)[0] for a in args)
-    extra = {k: v for k, v in TINY.items() if k not in seen and not (uses_config_file and k == "--batch_size_per_gpu")}
+    extra = {k: v for k, v in tiny.items() if k not in seen and not (uses_config_file and k == "--batch_size_per_gpu")}
     return out + [f"{k}={v}" for k, v in extra.items()]
 
 
@@ -156,12 +161,10 @@ def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch):
         if words[:2] == ["python", "-c"]:
             continue
         if words[0] == "python" and words[1] == "train_low_mem.py":
-            args = words[2:]
-            if args[0] == "train":
-                args = with_tiny_sizes(args)
+            args = with_tiny_sizes(words[2:])
             code, out, err = run_in_process(args, "What is 1 + 2?\nclear\nexit\n", capsys)
         elif words[:2] == ["accelerate", "launch"]:
-            args = words[:3] + (with_tiny_sizes(words[3:]) if words[3] == "train" else words[3:])
+            args = words[:3] + with_tiny_sizes(words[3:])
             done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args[2:]], cwd=root,
                                   capture_output=True, text=True, timeout=1800)
             code, out, err = done.returncode, done.stdout, done.stderr

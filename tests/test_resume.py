@@ -108,7 +108,7 @@ def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, toke
     elif kind == "records_packed":
         from test_sft import write_user_records
 
-        extra = {"train_file": write_user_records(tmp_path / "users.jsonl", n_users=40, per_user=6), "packing": True,
+        extra = {"train_file": write_user_records(tmp_path / "users.jsonl", n_users=20, per_user=6), "packing": True,
                  "max_samples_per_user": 4, "resample_each_epoch": True, "batch_size_per_gpu": 2, "max_seq_len": 96}
     reference = run_cfgs("a", **extra)
     run_in_process(reference)
@@ -166,23 +166,25 @@ def start_resumed(cfg, launcher=None):
     return start(dataclasses.replace(cfg, is_keep_training=True), launcher=launcher)
 
 
-def test_two_processes_on_shards_survive_sigterm_on_one_worker_then_sigkill(run_cfgs, tmp_path, qa_files):
+def test_two_processes_on_shards_survive_sigterm_on_one_worker(run_cfgs, tmp_path, qa_files):
+    """SIGTERM to one of two processes mid-epoch: all stop together at one step with one checkpoint, and the resumed
+    run ends bitwise where the uninterrupted one does, each rank on the same samples (a SIGKILL's resume from the
+    last periodic checkpoint is the same restore: one process above, the launcher's own death in test_run_safety)."""
     shards = {"train_file": shard_folder(tmp_path, qa_files)}
     reference = run_cfgs("a", epochs=1, batch_size_per_gpu=4, **shards)
     ref = cli(["train", *flags(reference)], launcher=two_processes())
     assert ref.returncode == 0, ref.stderr[-3000:]
     cfg = run_cfgs("b", epochs=1, batch_size_per_gpu=4, save_steps=4, **shards)
     proc = start(cfg, launcher=two_processes())
-    wait_for_step(cfg, proc, 12)
+    wait_for_step(cfg, proc, 13)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train_low_mem.py" in " ".join(p.cmdline())]
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGTERM)  # one process only: all stop together
     out, _ = proc.communicate(timeout=1800)
     assert proc.returncode == 0, out[-3000:]
-    proc = start_resumed(cfg, launcher=two_processes())
-    wait_for_step(cfg, proc, 22)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, launcher and workers, mid-epoch
-    proc.wait()
+    assert "checkpoint written, resume with --is_keep_training=True" in out
+    stopped_at = max(losses(cfg))
+    assert sorted(os.listdir(cfg.checkpoint_dir()))[-1] == f"step_{stopped_at:08d}"  # no step lost
     resume(cfg, launcher=two_processes())
     assert_same_run(reference, cfg, after_step=0)
     for rank in (0, 1):

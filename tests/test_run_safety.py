@@ -249,20 +249,26 @@ def test_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_elastic_resume_two_to_one_and_one_to_two_processes(tmp_path, tokenizer_dir, qa_files):
+    """12 steps on two processes, the rest on one, and the other way round (the two processes started by torchrun, with
+    the --local_rank flag the older launcher passes): every step's loss is the one-process run's."""
+    from lowmem.distributed import free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     common = dict(epochs=1, validation_file="", lr_scheduler="constant", warmup_steps=0, dropout=0.0, save_steps=1000)
     reference = tiny_config(tmp_path / "ref", tokenizer_dir, qa_files, batch_size_per_gpu=8, **common)
     run_in_process(reference)
     expected = losses(reference)
-    for name, first, second in (("two_to_one", two_processes(), None), ("one_to_two", None, two_processes())):
+    for name, first, second in (("two_to_one", two_processes(), None), ("one_to_two", None, torchrun)):
         cfg = tiny_config(tmp_path / name, tokenizer_dir, qa_files, batch_size_per_gpu=4 if first else 8, max_steps=12,
                           **common)
         part = cli(["train", *flags(cfg)], launcher=first) if first else cli_here(["train", *flags(cfg)])
         assert part.returncode == 0, part.stderr[-2000:]
         rest_args = ["train", *flags(cfg, "--is_keep_training=True", "--max_steps=0",
-                                     f"--batch_size_per_gpu={8 if first else 4}")]
+                                     f"--batch_size_per_gpu={8 if first else 4}", *(["--local_rank=0"] if second else []))]
         rest = cli(rest_args, launcher=second) if second else cli_here(rest_args)
         assert rest.returncode == 0, rest.stderr[-2000:]
         assert "elastic resume" in rest.stdout
+        assert ("devices: 2 x cpu" if second else "devices: 1 x cpu") in rest.stdout
         got = losses(cfg)
         assert sorted(got) == sorted(expected) == list(range(1, 31))  # 240 rows / 8 per step, none repeated or lost
         for step in expected:
