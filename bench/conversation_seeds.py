@@ -6,7 +6,7 @@
 The task, data and settings are the test's (a key word in the first turn, its answer asked for in the
 second; held-out first turns never trained on; tiny preset, packing, lr 2e-3, batch 16); only the seed
 (model init and data order) and the step count vary. Answers are greedy, through the same chat template
-as `train_low_mem.py chat`, in this process. The test asserts >= 20 of 30 after 150 steps.
+as `train_low_mem.py chat`, in this process. The test asserts >= 20 of 30 after 100 steps.
 """
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ def test_planted_pickle_is_not_executed(run_cfgs, tmp_path):
 def test_changed_config_is_refused_on_resume(run_cfgs):
     cfg = run_cfgs("a", epochs=1, max_steps=4)
     run_in_process(cfg)
-    result = cli(["train", *flags(cfg, "--is_keep_training=True", "--batch_size_per_gpu=4", "--max_steps=6")])
+    result = cli_here(["train", *flags(cfg, "--is_keep_training=True", "--batch_size_per_gpu=4", "--max_steps=6")])
     assert result.returncode == 2
     assert "resume refused: global_batch was 8, now 4" in result.stderr
 
@@ -248,7 +248,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(run_cfgs, optimizer,
     """adamw decides on the device and halts at the next log/save; adafactor decides on the host each step."""
     cfg = run_cfgs("a", epochs=1, learn_rate=1e4, warmup_steps=0, save_steps=save_steps, logging_steps=save_steps,
                    max_nonfinite_steps=2, max_grad_norm=0.0, dropout=0.0, optimizer=optimizer)
-    result = cli(["train", *flags(cfg)])
+    result = cli_here(["train", *flags(cfg)])
     assert result.returncode == 2, result.stderr[-2000:]
     assert "non-finite" in result.stderr and "Traceback" not in result.stderr
     records = read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl"))
