@@ -28,11 +28,11 @@ if [ ! -f "$accel_config" ]; then
   echo "error: accelerate config '$accel_config' not found; choose one in accelerate_configs/" >&2
   exit 1
 fi
-# a DeepSpeed config fails deep inside accelerate without deepspeed; say so before anything starts (find_spec, as
-# accelerate's own check: importing deepspeed here would cost seconds, and the trainer reports a broken install)
+# a DeepSpeed config fails deep inside accelerate (a traceback) when deepspeed is missing or broken (built for
+# another torch): import it once here, seconds before a long run, and say why in one line
 if grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config" \
-    && ! python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("deepspeed") is None)' >/dev/null 2>&1; then
-  echo "error: $accel_config uses DeepSpeed but deepspeed is not installed; pip install deepspeed (see requirements-gpu.txt)" >&2
+    && ! ds_error=$(python -c 'import deepspeed' 2>&1 >/dev/null); then
+  echo "error: $accel_config uses DeepSpeed but deepspeed cannot be imported ($(echo "$ds_error" | tail -n 1)); pip install deepspeed (see requirements-gpu.txt)" >&2
   exit 1
 fi
 

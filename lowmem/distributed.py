@@ -339,10 +339,19 @@ def _cpu_deepspeed() -> None:
     DeepSpeed would JIT-compile its shared-memory allreduce (g++, about a minute on 2 cores, and a crash
     where no compiler is installed) the first time it starts on CPU; gloo alone does the job here.
     """
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .compat import disable_deepspeed_shm_allreduce
 
     disable_deepspeed_shm_allreduce()
+
+
+def _import_deepspeed(source: str) -> None:
+    """A deepspeed built for another torch or CUDA fails on import: one line here, not a traceback in accelerate."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as exc:  # ImportError, or whatever its op builders raise
+        reason = (str(exc).strip().splitlines() or [""])[-1][:200]
+        raise UserError(f"DeepSpeed was asked for ({source}) but `import deepspeed` fails ({type(exc).__name__}: "
+                        f"{reason}); reinstall it for this torch: {INSTALL_HINT}") from None
 
 
 def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):
@@ -355,7 +364,11 @@ def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):
                         "--deepspeed/--zero_stage and the deepspeed accelerate config")
     import torch
 
-    if not torch.cuda.is_available():
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
+    _import_deepspeed(source)
+    if cpu:
         _cpu_deepspeed()
     check_training_options(cfg, ds, source)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))

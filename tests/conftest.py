@@ -16,6 +16,11 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: ten seconds of CPU or more (launches, kills, compiles, learning runs); "
+                                       "-m 'not slow' leaves them out for a quick loop")
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     from lowmem.demo import generate_rows

@@ -289,6 +289,7 @@ def _launch(config_file: str, cfg, tmp_path) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two GPUs on CUDA")
 @pytest.mark.parametrize("config_file", ["cpu.yaml", "deepspeed_zero3.yaml"])
 def test_two_processes_train_and_export(tmp_path, llama_dir, qa_files, config_file):

@@ -84,6 +84,7 @@ def forward_logits():
     return {attn: dict(zip(changes, _logits(attn, batches))) for attn in CPU_FORWARD_BACKENDS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", CPU_FORWARD_BACKENDS)
 def test_packed_samples_do_not_attend_to_each_other(forward_logits, attn):
     logits = forward_logits[attn]
@@ -98,6 +99,7 @@ def test_packed_samples_do_not_attend_to_each_other(forward_logits, attn):
         torch.testing.assert_close(after[other], base[other], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_flex_attention_forward_matches_sdpa(forward_logits):
     if "flex_attention" not in forward_logits:
         pytest.skip(f"torch {torch.__version__} has no FlexAttention")

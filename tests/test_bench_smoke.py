@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_throughput_bench_cpu_tiny(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "throughput.py"), "--device", "cpu",
                              "--preset", "tiny", "--steps", "4", "--workdir", str(tmp_path)],
@@ -23,6 +24,7 @@ def test_throughput_bench_cpu_tiny(tmp_path):
     assert "real tokens" in out or "padding" in out.lower()
 
 
+@pytest.mark.slow
 def test_checkpointing_bench_cpu_tiny():
     """Two modes, each in its own process as the bench runs them; the plan's estimate of every mode beside."""
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "checkpointing.py"), "--preset=tiny",

@@ -48,6 +48,7 @@ def chat_answers(model_dir: str, conversations: list[list[dict]]) -> tuple[list[
     return answers[1::3], answers[2::3]
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_conversations_answers_from_the_earlier_turn(tmp_path, word_tokenizer):
     rng = random.Random(0)
     held_out = [conversation(rng) for _ in range(30)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from conftest import cli, read_jsonl
 
 
+@pytest.mark.slow
 def test_default_run_learns_held_out_questions(tmp_path):
     # the README's command, shortened to 300 steps (0.19 answered right there) and 100 test questions, run in an
     # empty directory like a fresh checkout

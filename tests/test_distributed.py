@@ -182,6 +182,12 @@ def test_plugin_needs_deepspeed(clean_env):
     for cfg in (make_cfg(zero_stage=2), make_cfg(deepspeed="accelerate_configs/ds_zero3.json")):
         with pytest.raises(UserError, match=r"pip install deepspeed \(see requirements-gpu.txt\)"):
             distributed.deepspeed_plugin(cfg, "bf16")
+    # installed but broken (built for another torch): its import error in one line
+    clean_env.setattr(distributed, "deepspeed_available", lambda: True)
+    clean_env.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(UserError, match=r"^DeepSpeed was asked for \(--zero_stage=2\) but `import deepspeed` fails "
+                                        r"\(ModuleNotFoundError: .*\); reinstall it for this torch: pip install"):
+        distributed.deepspeed_plugin(make_cfg(zero_stage=2), "bf16")
 
 @pytest.mark.parametrize("values, stage, needle", [
     ({"bf16_weights": True}, 2, "--bf16_weights"),
@@ -308,6 +314,7 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_machines_match_one_process(tmp_path, tokenizer_dir, qa_files):
     """Two 'machines' x 4 samples export what one process x 8 samples computes (resuming on several processes is
     tested with one machine: tests/test_resume.py, tests/test_run_safety.py)."""
@@ -375,6 +382,7 @@ def _assert_resume_matches(straight, halves):
 @needs_fields
 @pytest.mark.parametrize("name", [pytest.param("zero2"), pytest.param("zero3", marks=ONE_GPU_ONLY),
                                   pytest.param("zero3_offload", marks=CUDA_ONLY)])
+@pytest.mark.slow
 def test_deepspeed_train_resume_export(tmp_path, tokenizer_dir, qa_files, name):
     """ZeRO on one process: 2 steps + resume + 2 steps end where 4 steps without DeepSpeed do, and the export loads in
     transformers."""
@@ -425,6 +433,7 @@ def test_fsdp_train_resume_export(tmp_path, tokenizer_dir, qa_files):
     _assert_resume_matches(straight, halves)
 
 
+@pytest.mark.slow
 @TWO_PROCESSES_POSSIBLE
 @pytest.mark.parametrize("name", ["deepspeed_zero3", "fsdp"])
 def test_two_sharded_processes_train_resume_export_a_mixture_of_experts(tmp_path, qa_files, qwen3_moe_dir, name):

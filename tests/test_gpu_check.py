@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
@@ -33,6 +34,7 @@ def _report(out) -> tuple[dict, str]:
         return report, f.read()
 
 
+@pytest.mark.slow
 def test_cpu_mode_reports_every_part_column_and_target(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     printed = _run("--out", str(out), "--workdir", str(work), "--parts", ",".join(PARTS)).stdout

@@ -109,6 +109,7 @@ def test_liger_kernel_on_cpu_is_one_line(tmp_path, tokenizer_dir, qa_files):
     assert result.returncode == 2 and "liger" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_torch_compile_keeps_the_first_losses(tmp_path, tokenizer_dir, qa_files):
     """Compiled and eager runs agree on the first steps' losses (within bf16 tolerance) on CPU."""
     common = dict(max_steps=3, validation_file="", warmup_steps=0, max_seq_len=32)

@@ -87,6 +87,7 @@ def test_moe_trains_with_its_router_loss_and_says_what_it_is(tmp_path, tokenizer
     assert 0 < result["eval_aux_loss"] < 10 and result["eval_loss"] == evals[-1]
 
 
+@pytest.mark.slow
 def test_with_the_router_loss_off_a_step_is_the_same_however_it_is_split(tmp_path, tokenizer_dir, qa_files,
                                                                         qwen3_moe_dir):
     """8 x 1 = 4 x 2 accumulation = 2 processes x 4 (each process on samples of its own): the same losses and weights

@@ -233,6 +233,7 @@ def start_command(args: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_killed_cache_build_continues_where_it_stopped(tmp_path, tokenizer_dir):
     rng = random.Random(0)
     rows = [{"prompt": f"q {i} " + "cat " * rng.randint(1, 20), "chosen": "yes " * rng.randint(1, 5), "rejected": "no"}
@@ -277,6 +278,7 @@ def test_sigkill_during_preference_training_resumes_bitwise(tmp_path, tokenizer_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_step_is_the_same_however_its_pairs_are_split(tmp_path, tokenizer_dir, pair_files):
     """8 pairs x 1, 4 x 2 accumulation and 2 processes x 4: the same losses (normalised over the step's pairs)."""
     common = dict(max_steps=4, save_steps=4, validation_file="", preference_loss="ipo", preference_sft_weight=0.5,

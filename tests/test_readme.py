@@ -144,6 +144,7 @@ def run_in_process(args: list[str], stdin: str, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path, capsys, monkeypatch):
     root = str(tmp_path / "checkout")
     os.makedirs(root)

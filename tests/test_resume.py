@@ -93,6 +93,7 @@ def shard_folder(tmp_path, qa_files) -> str:
     return write_shards(tmp_path / "shards", rows_of(qa_files["train_file"]), 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["shards_mixture", "tokens", "records_packed"])
 def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, tokenizer_dir, qa_files):
     extra = {}
@@ -142,6 +143,7 @@ def test_sigkill_then_resume_is_bitwise_identical(run_cfgs, kind, tmp_path, toke
         assert {"eval_loss/valid", "eval_loss/v2", "eval_loss", "data_seen_shards"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_once_and_resumes_twice(run_cfgs):
     reference = run_cfgs("a")
     run_in_process(reference)
@@ -166,6 +168,7 @@ def start_resumed(cfg, launcher=None):
     return start(dataclasses.replace(cfg, is_keep_training=True), launcher=launcher)
 
 
+@pytest.mark.slow
 def test_two_processes_on_shards_survive_sigterm_on_one_worker(run_cfgs, tmp_path, qa_files):
     """SIGTERM to one of two processes mid-epoch: all stop together at one step with one checkpoint, and the resumed
     run ends bitwise where the uninterrupted one does, each rank on the same samples (a SIGKILL's resume from the

@@ -248,6 +248,7 @@ def test_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, 
     assert ".tmp_step" not in out  # no half-written checkpoint left behind
 
 
+@pytest.mark.slow
 def test_elastic_resume_two_to_one_and_one_to_two_processes(tmp_path, tokenizer_dir, qa_files):
     """12 steps on two processes, the rest on one, and the other way round (the two processes started by torchrun, with
     the --local_rank flag the older launcher passes): every step's loss is the one-process run's."""
@@ -275,6 +276,7 @@ def test_elastic_resume_two_to_one_and_one_to_two_processes(tmp_path, tokenizer_
             assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), (name, step)
 
 
+@pytest.mark.slow
 def test_slurm_requeue_cycle_resumes_exactly(tmp_path, tokenizer_dir, qa_files):
     script = os.path.join(REPO, "slurm", "train.sbatch")
     assert subprocess.run(["bash", "-n", script]).returncode == 0

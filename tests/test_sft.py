@@ -82,6 +82,7 @@ def write_user_records(path, n_users=60, per_user=8, seed=0):
     return str(path)
 
 
+@pytest.mark.slow
 def test_sft_on_user_records_lowers_validation_loss(tmp_path, tokenizer_dir):
     data = write_user_records(tmp_path / "users.jsonl")
     cfg = tiny_config(tmp_path, tokenizer_dir, {"train_file": data, "validation_file": ""}, val_ratio=0.2,
