@@ -65,6 +65,9 @@ def train(**kwargs):
         print(config_help("train"))
         return
     cfg = resolve_config(kwargs)
+    from lowmem.adapters import check_lora_runtime
+
+    check_lora_runtime(cfg)  # peft missing, or QLoRA without a CUDA GPU: one line before the model libraries load
     if cfg.optimizer not in TORCHAO_OPTIMIZERS and not cfg.bf16_weights:  # a torchao run shows torchao's notices
         import_models_quietly()
     if not asks_for_deepspeed(cfg):  # a DeepSpeed run shows DeepSpeed's

@@ -21,6 +21,11 @@ def pytest_configure(config):
                                        "-m 'not slow' leaves them out for a quick loop")
 
 
+# Tests that compile with inductor in the test process run on one worker (pytest.ini: --dist loadgroup): the
+# first compile of a process pays ~10 s of setup that the next ones share.
+COMPILES = pytest.mark.xdist_group("inductor")
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     from lowmem.demo import generate_rows

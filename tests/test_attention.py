@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import cli_here, flags, tiny_config
+from conftest import COMPILES, cli_here, flags, tiny_config
 
 from config import TrainConfig
 from lowmem import attention
@@ -85,6 +85,7 @@ def forward_logits():
 
 
 @pytest.mark.slow
+@COMPILES
 @pytest.mark.parametrize("attn", CPU_FORWARD_BACKENDS)
 def test_packed_samples_do_not_attend_to_each_other(forward_logits, attn):
     logits = forward_logits[attn]
@@ -100,6 +101,7 @@ def test_packed_samples_do_not_attend_to_each_other(forward_logits, attn):
 
 
 @pytest.mark.slow
+@COMPILES
 def test_flex_attention_forward_matches_sdpa(forward_logits):
     if "flex_attention" not in forward_logits:
         pytest.skip(f"torch {torch.__version__} has no FlexAttention")

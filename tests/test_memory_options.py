@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import cli, cli_here, env_without, flags, read_jsonl, run_in_process, tiny_config
+from conftest import COMPILES, cli, cli_here, env_without, flags, read_jsonl, run_in_process, tiny_config
 
 from lowmem.autobatch import largest_fitting, split_global_batch
 from lowmem.errors import UserError
@@ -69,6 +69,7 @@ def square_llama_dir(tmp_path_factory, tokenizer_dir):
     return path
 
 
+@COMPILES  # torchao compiles its optimizer step
 @pytest.mark.parametrize("optimizer, bf16_weights", CPU_OPTIONS)
 def test_optimizer_trains_saves_and_resumes_exactly(tmp_path, square_llama_dir, qa_files, optimizer, bf16_weights):
     import dataclasses
@@ -110,6 +111,7 @@ def test_liger_kernel_on_cpu_is_one_line(tmp_path, tokenizer_dir, qa_files):
 
 
 @pytest.mark.slow
+@COMPILES
 def test_torch_compile_keeps_the_first_losses(tmp_path, tokenizer_dir, qa_files):
     """Compiled and eager runs agree on the first steps' losses (within bf16 tolerance) on CPU."""
     common = dict(max_steps=3, validation_file="", warmup_steps=0, max_seq_len=32)
