@@ -37,7 +37,8 @@ def check_lora_config(cfg) -> None:
         given = [f"--{name}" for name in ("lora_target_modules", "lora_modules_to_save") if getattr(cfg, name)]
         given += ["--qlora=True"] if cfg.qlora else []
         if given:
-            raise UserError(f"{', '.join(given)} take effect only with LoRA: add --lora_r=16 (0 trains every weight)")
+            verb = "takes" if len(given) == 1 else "take"
+            raise UserError(f"{', '.join(given)} {verb} effect only with LoRA: add --lora_r=16 (0 trains every weight)")
         return
     if cfg.bf16_weights:
         raise UserError("--bf16_weights=True does not combine with --lora_r: LoRA keeps the frozen base in bf16 when "

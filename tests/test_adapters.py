@@ -177,8 +177,8 @@ def test_sigkill_then_resume_is_bitwise_with_ema_checkpointing_and_packing(tmp_p
 # --- settings that cannot work are one-line errors --------------------------------------------------------------
 
 @pytest.mark.parametrize("values, needle", [
-    ({"qlora": True}, "take effect only with LoRA"),
-    ({"lora_modules_to_save": ["lm_head"]}, "take effect only with LoRA"),
+    ({"qlora": True}, "--qlora=True takes effect only with LoRA"),
+    ({"lora_modules_to_save": ["lm_head"]}, "takes effect only with LoRA"),
     ({"lora_r": 8, "bf16_weights": True}, "--bf16_weights=True does not combine"),
     ({"lora_r": 8, "freeze_embeddings": True}, "--lora_modules_to_save=embed_tokens,lm_head"),
     ({"lora_r": 8, "qlora": True, "mixed_precision": "no"}, "computes in bf16"),
