@@ -20,12 +20,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from config import TRAIN_PRESETS, TrainConfig  # noqa: E402
-from lowmem import cli as lowmem_cli  # noqa: E402
-from lowmem.cli import (HELP_FLAGS, check_no_positionals, check_repeated_flags, import_deepspeed_quietly,  # noqa: E402
-                        import_models_quietly, wants_help)
-from lowmem.distributed import asks_for_deepspeed  # noqa: E402
-from lowmem.errors import UserError  # noqa: E402
-from lowmem.validate import check_config  # noqa: E402
+from lowmem.cli import flags as lowmem_cli  # noqa: E402
+from lowmem.cli.flags import (  # noqa: E402
+    HELP_FLAGS,
+    check_no_positionals,
+    check_repeated_flags,
+    import_deepspeed_quietly,
+    import_models_quietly,
+    wants_help,
+)
+from lowmem.run.distributed import asks_for_deepspeed  # noqa: E402
+from lowmem.run.errors import UserError  # noqa: E402
+from lowmem.train.validate import check_config  # noqa: E402
 
 # the top-level --help: one line per command
 COMMANDS = {
@@ -65,14 +71,14 @@ def train(**kwargs):
         print(config_help("train"))
         return
     cfg = resolve_config(kwargs)
-    from lowmem.adapters import check_lora_runtime
+    from lowmem.model.adapters import check_lora_runtime
 
     check_lora_runtime(cfg)  # peft missing, or QLoRA without a CUDA GPU: one line before the model libraries load
     if cfg.optimizer not in TORCHAO_OPTIMIZERS and not cfg.bf16_weights:  # a torchao run shows torchao's notices
         import_models_quietly()
     if not asks_for_deepspeed(cfg):  # a DeepSpeed run shows DeepSpeed's
         import_deepspeed_quietly()
-    from lowmem.loop import train as run
+    from lowmem.train.loop import train as run
 
     run(cfg)
 
@@ -94,14 +100,14 @@ def prepare_reference(**kwargs):
     import_models_quietly()  # the reference forward passes use no torchao
     if not asks_for_deepspeed(cfg):
         import_deepspeed_quietly()
-    from lowmem.session import prepare_reference_caches
+    from lowmem.train.session import prepare_reference_caches
 
     prepare_reference_caches(cfg)
 
 
 def check_checkpoint(path, **unknown):
     """Verify DIR: one checkpoint, a checkpoints dir or a run dir; exit 2 if any checkpoint fails."""
-    from lowmem.cli import reject_unknown_flags
+    from lowmem.cli.flags import reject_unknown_flags
 
     reject_unknown_flags("check_checkpoint", ["path"], unknown)
     from lowmem.checkpoint import check_checkpoints
@@ -112,7 +118,7 @@ def check_checkpoint(path, **unknown):
 
 
 def config_help(command: str = "train") -> str:
-    from lowmem.docs import flag_help
+    from lowmem.cli.docs import flag_help
 
     return USAGE.format(command=command, presets=", ".join(TRAIN_PRESETS), fields=flag_help(TrainConfig))
 
@@ -132,11 +138,11 @@ def command_help(command: str, args: list[str]) -> str:
         return ("usage: train_low_mem.py check_checkpoint DIR\n  DIR: a checkpoint (step_XXXXXXXX), a checkpoints dir or a "
                 "run dir; prints OK or FAILED per checkpoint, exits 2 if one fails")
     if command == "prepare":
-        from lowmem.cli_prepare import prepare_help
+        from lowmem.cli.prepare import prepare_help
 
         tool = args[0] if args and not args[0].startswith("-") else None
         return config_help("prepare reference") if tool == REFERENCE else prepare_help(tool)
-    from lowmem.cli_generate import help_text
+    from lowmem.cli.infer import help_text
 
     return help_text(command)
 
@@ -152,10 +158,10 @@ def _commands(command: str, tool: str | None = None) -> dict:
     if command == "check_checkpoint":
         return {"check_checkpoint": check_checkpoint}
     if command == "prepare":
-        from lowmem.cli_prepare import PrepareCommands
+        from lowmem.cli.prepare import PrepareCommands
 
         return {"prepare": PrepareCommands}
-    from lowmem import cli_generate
+    from lowmem.cli import infer as cli_generate
 
     return {command: getattr(cli_generate, command)}
 
@@ -168,7 +174,7 @@ def _check_command(args: list[str]) -> None:
         hint = f"did you mean: {near[0]}? " if near else ""
         raise UserError(f"unknown command '{command}'; {hint}commands: {', '.join(COMMANDS)} (see --help)")
     if command == "prepare" and len(args) > 1:
-        from lowmem.cli_prepare import check_tool
+        from lowmem.cli.prepare import check_tool
 
         check_tool(args[1])
 

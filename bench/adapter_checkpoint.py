@@ -40,8 +40,8 @@ def _trained_once(cfg, tokenizer):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from lowmem.model import apply_training_options, build_model
-    from lowmem.optim import build_optimizer, build_scheduler
+    from lowmem.model.build import apply_training_options, build_model
+    from lowmem.train.optim import build_optimizer, build_scheduler
 
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)
@@ -69,7 +69,7 @@ class _StepOnly:
 def measure(cfg, tokenizer, repeats: int, root: str) -> dict:
     from lowmem.checkpoint import CheckpointManager, RunParts, weights_format
     from lowmem.checkpoint.files import checkpoint_bytes
-    from lowmem.sizes import count_parameters
+    from lowmem.model.sizes import count_parameters
 
     accelerator, model, optimizer, scheduler = _trained_once(cfg, tokenizer)
     state = _StepOnly()
@@ -89,7 +89,7 @@ def measure(cfg, tokenizer, repeats: int, root: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from config import TrainConfig
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(make_tokenizer(os.path.join(args.workdir, f"tokenizer{args.vocab}"), args.vocab))
     base = TrainConfig(model_preset=args.preset, max_seq_len=64, mixed_precision="no", report_to="none")

@@ -5,7 +5,7 @@ that peak memory, compile caches in memory and CUDA out-of-memory failures of on
 into the next. The worker prints one line `BENCH_RESULT <json>` that the drivers parse.
 
 Two trainers are driven on the same model and the same token file:
-- "lowmem": `lowmem.loop.train(TrainConfig)` (this project's loop),
+- "lowmem": `lowmem.train.loop.train(TrainConfig)` (this project's loop),
 - "hf": `transformers.Trainer` on a Dataset of the same fixed-length windows.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def make_tokenizer(out_dir: str, vocab_size: int = VOCAB) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lowmem.template import END_OF_TEXT, PAD, SPECIAL_TOKENS
+    from lowmem.data.template import END_OF_TEXT, PAD, SPECIAL_TOKENS
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for i in range(len(vocab), vocab_size):
@@ -142,11 +142,11 @@ def print_table(rows: list[list[str]], header: list[str], out=None) -> str:
 # the worker side
 # ----------------------------------------------------------------------------------------------
 def _ceiling(device: str) -> float:
-    """Matmul ceiling in FLOP/s: bf16 8192^3 on CUDA (lowmem.metrics.peak_flops), fp32 1024^3 on CPU."""
+    """Matmul ceiling in FLOP/s: bf16 8192^3 on CUDA (lowmem.train.metrics.peak_flops), fp32 1024^3 on CPU."""
     import torch
 
     if device == "cuda":
-        from lowmem.metrics import peak_flops
+        from lowmem.train.metrics import peak_flops
 
         return peak_flops()
     n, reps = 1024, 5
@@ -178,7 +178,7 @@ def _train_config(spec: dict, workdir: str):
 
 
 def _build_on_device(original, device: str):
-    """lowmem.model.build_model, but initialising the weights on the GPU (seconds instead of minutes for 7B)."""
+    """lowmem.model.build.build_model, but initialising the weights on the GPU (seconds instead of minutes for 7B)."""
     import torch
 
     def build(cfg, tokenizer):
@@ -244,11 +244,11 @@ def _patch(module_names: tuple[str, ...], attr: str, make) -> None:
 
 
 def _worker_lowmem(spec: dict, workdir: str) -> dict:
-    import lowmem.loop as loop
-    import lowmem.metrics as metrics
+    import lowmem.train.loop as loop
+    import lowmem.train.metrics as metrics
 
     cfg = _train_config(spec, workdir)
-    modules = ("lowmem.loop", "lowmem.session")
+    modules = ("lowmem.train.loop", "lowmem.train.session")
     # benchmarks only: skip the final checkpoint (optimizer state of a 7B model is tens of GB) and export
     from lowmem.checkpoint.manager import CheckpointManager
 
@@ -289,8 +289,8 @@ def _worker_hf(spec: dict, workdir: str) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
     from lowmem.data.token_file import TokenFile
-    from lowmem.model import build_model
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.model.build import build_model
 
     cfg = _train_config(spec, workdir)
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
@@ -389,7 +389,7 @@ def _summarise(result: dict, spec: dict) -> None:
              + 3 * p.hidden_size * p.intermediate_size + 2 * p.hidden_size)
     vocab = spec.get("vocab", VOCAB)
     head = 0 if p.tie_word_embeddings else vocab * p.hidden_size
-    non_embedding = p.num_layers * layer + p.hidden_size + head  # as lowmem.metrics.flops_per_token counts
+    non_embedding = p.num_layers * layer + p.hidden_size + head  # as lowmem.train.metrics.flops_per_token counts
     result["n_params"] = non_embedding + vocab * p.hidden_size
     result["flops_per_token"] = 6.0 * non_embedding
     if result.get("tokens_per_sec"):

@@ -52,9 +52,9 @@ def measure(preset: str, mode: str, seq: int, batch: int, steps: int, vocab: int
     from transformers import AutoModelForCausalLM
 
     from config import TrainConfig
-    from lowmem import chunked_loss, recompute
-    from lowmem.memory_plan import activation_bytes
-    from lowmem.model import _hf_config
+    from lowmem.model import chunked_loss, recompute
+    from lowmem.model.build import _hf_config
+    from lowmem.train.memory_plan import activation_bytes
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

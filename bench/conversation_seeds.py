@@ -28,7 +28,7 @@ from test_conversations import FILLER, KEYS, conversation  # noqa: E402
 
 
 def word_tokenizer(path: str) -> str:
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     words = list(KEYS) + FILLER + ["user", "assistant", "ok", "what"]  # as the test's fixture
     train_bpe_tokenizer([" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 9)) for i in range(600)],
@@ -37,7 +37,7 @@ def word_tokenizer(path: str) -> str:
 
 
 def right_after(root: Path, tokenizer: str, seed: int, steps: int, lr: float) -> int:
-    from lowmem.generate import GenerationOptions, generate_text, load_for_inference
+    from lowmem.infer.generate import GenerationOptions, generate_text, load_for_inference
 
     rng = random.Random(seed)
     held_out = [conversation(rng) for _ in range(30)]

@@ -59,14 +59,14 @@ def main() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     from config import TrainConfig
-    from lowmem.demo import DEMO_VOCAB_SIZE, generate_rows
-    from lowmem.loop import train
-    from lowmem.model import build_model
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.demo import DEMO_VOCAB_SIZE, generate_rows
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.model.build import build_model
+    from lowmem.train.loop import train
 
     work = tempfile.mkdtemp(prefix="lowmem_overhead_")
     tok_dir = os.path.join(work, "tok")
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer((f"{p} {r}" for p, r in generate_rows(2000, 1, 1)["train"]), DEMO_VOCAB_SIZE, tok_dir)
     tokenizer = load_tokenizer(tok_dir)

@@ -8,7 +8,7 @@
 1. Generates, once, into --workdir (kept; a file is reused when its size matches):
    - prompt/response parquet files of N and 10N short rows (~90 characters), row groups of 10k rows,
      written one row group at a time with pyarrow.parquet.ParquetWriter (generation holds one group);
-   - a byte-level BPE tokenizer (lowmem.tokenizer.train_bpe_tokenizer, 2000 entries) trained on 20k rows;
+   - a byte-level BPE tokenizer (lowmem.data.tokenizer.train_bpe_tokenizer, 2000 entries) trained on 20k rows;
    - packed token files of T and 10T tokens in the format lowmem.data.token_file.TokenFile reads
      (`<prefix>.bin` little-endian uint16 ids + `<prefix>.json` index), written in 8M-token chunks.
 2. Real training runs (not with --quick): `python train_low_mem.py train --model_preset=tiny
@@ -134,7 +134,7 @@ def make_tokenizer(out_dir: str, sample_file: str, n_rows: int = 20000) -> str:
         return out_dir
     import pyarrow.parquet as pq
 
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     table = pq.ParquetFile(sample_file).read_row_group(0)
     rows = table.slice(0, n_rows)
@@ -262,7 +262,7 @@ def first_batch_child(mode: str, path: str, tokenizer_dir: str) -> dict:
 
     from lowmem.data.batches import batches_from, encode_stream
     from lowmem.data.encoding import SampleEncoder
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     encoder = SampleEncoder(tokenizer, 128, source=path)
@@ -314,7 +314,7 @@ def data_pass_child(path: str, tokenizer_dir: str, n_batches: int) -> dict:
     from lowmem.data.options import DataOptions
     from lowmem.data.pipeline import TrainData
     from lowmem.data.sources import parse_inputs
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     options = DataOptions(max_seq_len=128, batch_size=32, buffer_size=10000)

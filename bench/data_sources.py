@@ -31,7 +31,7 @@ WORDS = ("cat dog sun moon tree fish bird rain star book river stone light cloud
 
 
 def make_tokenizer(workdir: str) -> str:
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     path = os.path.join(workdir, "tokenizer")
     if not os.path.isdir(path):
@@ -95,7 +95,7 @@ def child_pass(train_file: str, tokenizer_dir: str, batches: int, seq: int, pack
     from lowmem.data.pipeline import TrainData
     from lowmem.data.sources import parse_inputs
     from lowmem.data.stream import Shard
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     if one_core:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -168,7 +168,7 @@ def part_packing(tokenizer_dir: str, conversations: int) -> list[list[str]]:
 
     from lowmem.data.batches import encode_stream, packed_batches_from
     from lowmem.data.encoding import SampleEncoder
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     rng = random.Random(0)

@@ -180,7 +180,7 @@ def old_encoding(tokenizer, seq: int):
     import torch
 
     from lowmem.data.encoding import Encoded
-    from lowmem.template import encode_example
+    from lowmem.data.template import encode_example
 
     def encode(group):
         encoded = []
@@ -230,7 +230,7 @@ def run_sft_encoding(args, work: str, seconds: float, log) -> tuple[list[dict], 
     from data_memory import human, make_parquet, make_tokenizer, table
 
     from lowmem.data.encoding import SampleEncoder
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     rows = 20_000 if args.quick else 1_000_000
     pairs = make_parquet(os.path.join(work, f"pr_{human(rows)}.parquet"), rows, log=log)
@@ -276,7 +276,7 @@ def run_loaders(args, work: str, seconds: float, log) -> tuple[list[dict], str, 
     from lowmem.data.options import DataOptions
     from lowmem.data.sources import open_dataset, parse_data_arg
     from lowmem.data.stream import TokenWindows
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     rows, tokens, docs = (20_000, 2_000_000, 200) if args.quick else (1_000_000, 100_000_000, 3000)
     short = make_parquet(os.path.join(work, f"pr_{human(rows)}.parquet"), rows, log=log)

@@ -23,7 +23,7 @@ Parts, in order of value (--parts picks and orders them; --guard PART=SECONDS ch
                 frozen copy), and SFT on prompt + chosen at the same rows per micro-batch: time to the first step,
                 step time, tokens/s and peak memory (GPU; host RSS on CPU)
   gpu_tests     python -m pytest -q tests -k "gpu and not gpu_check" (the tests that skip on CPU)
-  graph_breaks  torch._dynamo.explain of the training forward (the call lowmem/objective.py makes) with and without the
+  graph_breaks  torch._dynamo.explain of the training forward (the call lowmem/train/objective.py makes) with and without the
                 chunked loss, checkpointing and packed position ids (FlexAttention on CUDA); graphs built over
                 several widths. Each config's row lands as it is done, so a guard that runs out keeps the rows so far
 
@@ -599,8 +599,8 @@ def graph_break_worker(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from config import TrainConfig
-    from lowmem.attention import attention_backend
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.model.attention import attention_backend
 
     cuda = spec["device"] == "cuda"
     tokenizer = load_tokenizer(spec["tokenizer_dir"])
@@ -632,7 +632,7 @@ def graph_break_worker(spec: dict) -> dict:
 def _training_model(cfg, tokenizer, accelerator):
     import torch
 
-    from lowmem.model import apply_training_options, build_model
+    from lowmem.model.build import apply_training_options, build_model
 
     torch.manual_seed(0)
     with torch.device(accelerator.device):
@@ -656,7 +656,7 @@ def _inputs(seq: int, packed: bool, device, vocab: int = 256) -> dict:
 
 
 def _loss_fn():
-    """The forward the trainer's token loss makes (lowmem/objective.py TokenLoss on a decoder)."""
+    """The forward the trainer's token loss makes (lowmem/train/objective.py TokenLoss on a decoder)."""
     return lambda model, inputs, enc_dec, scale: model(**inputs, use_cache=False, num_items_in_batch=scale).loss
 
 
@@ -755,7 +755,7 @@ def _install_bench_hooks() -> None:
         return dataclasses.replace(_HOOKED["config"](spec, workdir), **spec.get("cfg", {}))
 
     def worker_lowmem(spec, workdir):
-        from lowmem.attention import attention_backend
+        from lowmem.model.attention import attention_backend
 
         got = _HOOKED["lowmem"](spec, workdir)
         times, w = got["step_times"], spec["warmup"]
@@ -799,12 +799,17 @@ class CountingCollator:
 def _worker_hf_samples(spec: dict, workdir: str) -> dict:
     """HF Trainer on the same variable-length samples, with a padding or a flattening collator."""
     import torch
-    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from transformers.trainer_callback import PrinterCallback
 
-    from lowmem.model import build_model
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.model.build import build_model
 
     cfg = benchlib._train_config(spec, workdir)
     tokenizer = load_tokenizer(cfg.tokenizer_dir)

@@ -5,7 +5,7 @@
     python bench/memory_fit.py --parts lora             # 7B LoRA and QLoRA in --max_gpu_memory_gb=20
     python bench/memory_fit.py --parts lora --preset_7b tiny --seq 128 --max_mb_lora 8  # CPU smoke run (LoRA only)
 
-Every run goes through this trainer's loop (`lowmem.loop.train`), each in a fresh process, on a
+Every run goes through this trainer's loop (`lowmem.train.loop.train`), each in a fresh process, on a
 learnable synthetic token stream (bench/benchlib.py: a Markov chain, best loss about 1.06 nats).
 
 Parts:

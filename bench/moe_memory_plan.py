@@ -3,7 +3,7 @@ weights are allocated), full-parameter and with LoRA, under ZeRO-3 on 8 processe
 
     python bench/moe_memory_plan.py [--seq 2048] [--batch 1] [--world 8]
 
-Prints the parameter counts (all, active per token, trained) and lowmem.memory_plan's line for each setting; the
+Prints the parameter counts (all, active per token, trained) and lowmem.train.memory_plan's line for each setting; the
 numbers are estimates of the plan, not measurements.
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     import torch
 
     from config import TrainConfig
-    from lowmem.adapters import apply_lora
-    from lowmem.memory_plan import memory_plan
-    from lowmem.sizes import count_parameters, parameter_counts
+    from lowmem.model.adapters import apply_lora
+    from lowmem.model.sizes import count_parameters, parameter_counts
+    from lowmem.train.memory_plan import memory_plan
 
     base = TrainConfig(max_seq_len=args.seq, batch_size_per_gpu=args.batch, gradient_checkpointing=True,
                        chunked_cross_entropy=True)

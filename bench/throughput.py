@@ -5,7 +5,7 @@
     python bench/throughput.py --find_max_batch --preset large  # each trainer at its largest micro-batch
 
 Trainers (each run is a fresh subprocess; see bench/benchlib.py):
-  lowmem          lowmem.loop.train: bf16 autocast, fused AdamW, torch_compile=True, liger fused
+  lowmem          lowmem.train.loop.train: bf16 autocast, fused AdamW, torch_compile=True, liger fused
                   linear+cross-entropy when liger-kernel is importable (CUDA only)
   lowmem-noliger  the same without liger
   hf              transformers.Trainer with its defaults (bf16=True is the one flag set)
@@ -236,8 +236,8 @@ def padding_efficiency(tok_dir: str, n: int = 768, seed: int = 0, max_len: int =
 
     from lowmem.data.batches import collate, encode_stream, packed_batches_from
     from lowmem.data.encoding import Encoded, SampleEncoder
-    from lowmem.template import IGNORE_INDEX
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.template import IGNORE_INDEX
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
     rng = np.random.default_rng(seed)

@@ -1,6 +1,6 @@
 """How a config field is declared: its default, its meaning, the values it takes, and what a resume does
 when it changes. `config.py` declares every TrainConfig field with `setting(...)`; the flag table and
-`--help` (docs.py), the value checks (validate.py) and the resume check (checkpoint/resume.py) all read
+`--help` (cli/docs.py), the value checks (train/validate.py) and the resume check (checkpoint/resume.py) all read
 these rules from the field itself, so a new flag cannot forget one of them.
 
 Resume rules, for a field whose value differs from the one the checkpoint was written with:
@@ -8,12 +8,19 @@ Resume rules, for a field whose value differs from the one the checkpoint was wr
   DATA      the run would train other samples or tokens: refused unless --allow_config_change=True
   APPLIED   takes effect from the resumed step on, and is logged as "changed on resume"
   FREE      about this invocation only (where the run lives, how it is started): not compared
+
+A loose module at the bottom, beside run/: config.py, cli/, train/ and checkpoint/ all read it.
+May import: run.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
+import typing
+
+from .run.errors import UserError
 
 REFUSED, DATA, APPLIED, FREE = "refused", "data", "applied", "free"
 RESUME_RULES = (REFUSED, DATA, APPLIED, FREE)
@@ -93,3 +100,27 @@ def out_of_range(name: str, value, allowed: Range | None) -> str | None:
     if allowed is not None and not allowed.holds(value):
         return f"--{name}={value} must be {allowed.describe()}" + (f" ({allowed.hint})" if allowed.hint else "")
     return None
+
+
+def field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def type_name(type_) -> str:
+    """How --help and errors spell a field type: int, float, list[str], one of a|b|c."""
+    if typing.get_origin(type_) is typing.Literal:
+        return "|".join(str(choice) for choice in typing.get_args(type_))
+    if type(None) in typing.get_args(type_):
+        inner = [a for a in typing.get_args(type_) if a is not type(None)]
+        return f"{type_name(inner[0])} or None" if len(inner) == 1 else str(type_)
+    if typing.get_origin(type_) is not None:
+        return str(type_).replace("typing.", "")
+    return getattr(type_, "__name__", str(type_))
+
+
+def choice_error(name: str, value, choices: typing.Sequence) -> UserError:
+    """`--optimizer expects one of adamw, adafactor; got 'adamx' (closest: adamw)`."""
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    hint = f" (closest: {near[0]})" if near else ""
+    return UserError(f"--{name} expects one of {', '.join(str(c) for c in choices)}; got {value!r}{hint}")

@@ -28,8 +28,8 @@ COMPILES = pytest.mark.xdist_group("inductor")
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from lowmem.demo import generate_rows
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.demo import generate_rows
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
     rows = generate_rows(n_train=3000, n_valid=10, n_test=10)["train"]
@@ -40,7 +40,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A 400-token BPE trained on a few words (English and Chinese)."""
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     words = ["cat", "dog", "sun", "moon", "tree", "猫", "狗", "山", "水", "花", "river", "stone"]
     path = str(tmp_path_factory.mktemp("words_tok") / "tokenizer")
@@ -85,7 +85,7 @@ def run_in_process(cfg):
     """Run the real loop in this process, resetting Accelerate's process-wide state around it."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from lowmem.loop import train
+    from lowmem.train.loop import train
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -111,7 +111,7 @@ def cli_here(args, cwd=None):
     import io
 
     import train_low_mem
-    from lowmem.errors import UserError
+    from lowmem.run.errors import UserError
 
     out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
     _reset_accelerate()
@@ -305,7 +305,7 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from config import TrainConfig
-    from lowmem.model import _hf_config
+    from lowmem.model.build import _hf_config
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     special = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA (lowmem/adapters.py) through the real loop on the tiny preset: only the adapters train,
+"""LoRA and QLoRA (lowmem/model/adapters.py) through the real loop on the tiny preset: only the adapters train,
 checkpoints hold them alone, SIGKILL + resume is bitwise, the merged export is what the peft model computes,
 the adapter export loads with peft and in generate/evaluate; two processes (DDP, ZeRO-3); QLoRA's NF4 base."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, cli, cli_here, flags, run_in_process, tiny_config, write_qa_parquet
 from test_resume import losses, resume, start, wait_for_step
 
-from lowmem.errors import UserError
+from lowmem.run.errors import UserError
 
 LORA = dict(lora_r=4, lora_alpha=8.0, validation_file="", learn_rate=1e-2, warmup_steps=1, max_steps=6, save_steps=3)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA trains on a CUDA GPU")
@@ -37,8 +37,8 @@ def seeded_base(cfg):
     """The base the run started from: the preset built under the run's seed, as the session builds it."""
     from accelerate.utils import set_seed
 
-    from lowmem.model import build_model
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.model.build import build_model
 
     set_seed(cfg.seed)
     return build_model(cfg, load_tokenizer(cfg.tokenizer_dir)).eval()
@@ -110,8 +110,8 @@ def test_merged_export_computes_what_the_peft_model_computes(lora_runs):
 def test_adapter_export_loads_with_peft_and_in_generate_and_evaluate(lora_runs, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lowmem import cli_generate
-    from lowmem.generate import GenerationOptions, generate_text, load_for_inference
+    from lowmem.cli import infer as cli_generate
+    from lowmem.infer.generate import GenerationOptions, generate_text, load_for_inference
 
     final, merged = lora_runs["adapter"].final_dir(), lora_runs["merged"].final_dir()
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "train_config.json",
@@ -186,8 +186,7 @@ def test_sigkill_then_resume_is_bitwise_with_ema_checkpointing_and_packing(tmp_p
 ])
 def test_contradicting_adapter_settings(values, needle):
     from config import TrainConfig
-
-    from lowmem.adapters import check_lora_config
+    from lowmem.model.adapters import check_lora_config
 
     with pytest.raises(UserError, match=needle) as info:
         check_lora_config(TrainConfig(**values))
@@ -201,8 +200,7 @@ def test_contradicting_adapter_settings(values, needle):
 ])
 def test_module_names_are_checked_against_the_model(tokenizer_dir, values, needle):
     from config import TrainConfig
-
-    from lowmem.adapters import apply_lora
+    from lowmem.model.adapters import apply_lora
 
     cfg = TrainConfig(tokenizer_dir=tokenizer_dir, lora_r=4, **values)
     with pytest.raises(UserError, match=needle):
@@ -223,10 +221,10 @@ def test_nf4_base_dequantises_into_the_merged_weights(tokenizer_dir):
     """QLoRA's pieces on CPU: the blocks' linear weights become frozen NF4, LoRA trains on top, the merge
     dequantises them (close to the bf16 originals) and adds the adapters."""
     pytest.importorskip("torchao")
-    from config import TrainConfig
     from peft import LoraConfig, get_peft_model
 
-    from lowmem.adapters import base_state_dict, default_target_modules, lora_merges, nf4_type, quantize_to_nf4
+    from config import TrainConfig
+    from lowmem.model.adapters import base_state_dict, default_target_modules, lora_merges, nf4_type, quantize_to_nf4
 
     cfg = TrainConfig(tokenizer_dir=tokenizer_dir)
     model = seeded_base(cfg)  # fp32 around the NF4 weights: CPU matmuls have no bf16 autocast here
@@ -279,7 +277,7 @@ def test_qlora_trains_on_a_gpu(tmp_path, tokenizer_dir, qa_files):
 # --- two processes over gloo -----------------------------------------------------------------------------------
 
 def _launch(config_file: str, cfg, tmp_path) -> str:
-    from lowmem.distributed import free_port
+    from lowmem.run.distributed import free_port
 
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 os.path.join(REPO, "accelerate_configs", config_file), "--num_processes", "2",

@@ -85,7 +85,7 @@ CASES = [(family, mode) for family in FAMILIES for mode in ("full", "lora")]
 def test_fine_tune_a_local_chat_model_and_round_trip_its_export(family_dirs, tmp_path, family, mode, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem.generate import GenerationOptions, generate_text, load_for_inference
+    from lowmem.infer.generate import GenerationOptions, generate_text, load_for_inference
 
     dirs, chats = family_dirs
     model_dir, grows = dirs[family], mode == "lora" and family in ("llama", "qwen2")  # untied and tied embeddings
@@ -126,7 +126,7 @@ def test_fine_tune_a_local_chat_model_and_round_trip_its_export(family_dirs, tmp
         saved, exported = load_file(os.path.join(checkpoint, "model.safetensors")), model.state_dict()
         assert all(torch.equal(saved[k], exported[k]) for k in saved)
         return
-    from lowmem.adapters import load_merged
+    from lowmem.model.adapters import load_merged
 
     with open(os.path.join(checkpoint, "adapter_config.json"), encoding="utf-8") as f:
         adapter = json.load(f)

@@ -8,10 +8,10 @@ import torch
 from conftest import COMPILES, cli_here, flags, tiny_config
 
 from config import TrainConfig
-from lowmem import attention
-from lowmem.attention import attention_backend, flex_attention_problem
 from lowmem.data.batches import collate_packed
-from lowmem.errors import UserError
+from lowmem.model import attention
+from lowmem.model.attention import attention_backend, flex_attention_problem
+from lowmem.run.errors import UserError
 
 VOCAB = 64
 LENGTHS = [[11, 17, 9], [30, 6]]  # two packed rows: three samples, then two (the second row has a padding tail)
@@ -137,8 +137,8 @@ def test_flex_attention_matches_sdpa_loss_and_gradients(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_auto_picks_flex_attention_for_packed_rows(tokenizer_dir):
-    from lowmem.model import build_model
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.model.build import build_model
 
     cfg = TrainConfig(model_preset="tiny", packing=True, tokenizer_dir=tokenizer_dir)
     expected = ("flash_attention_2" if attention.flash_attn_importable() else

@@ -38,8 +38,8 @@ def test_checkpointing_bench_cpu_tiny():
     printed = {mode: float(cells[3]) for mode, cells in rows.items() if mode != "mode"}
 
     from config import TrainConfig
-    from lowmem.memory_plan import activation_bytes
-    from lowmem.model import _hf_config
+    from lowmem.model.build import _hf_config
+    from lowmem.train.memory_plan import activation_bytes
 
     sys.path.insert(0, os.path.join(REPO, "bench"))
     from checkpointing import MODES

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import cli_here, flags, read_jsonl, run_in_process, tiny_config
 
-from lowmem import chunked_loss
-from lowmem.errors import UserError
+from lowmem.model import chunked_loss
+from lowmem.run.errors import UserError
 
 VOCAB = 3000
 
@@ -79,7 +79,7 @@ def test_trainer_losses_match_with_packing(tmp_path, tokenizer_dir, qa_files):
 
 
 def test_combinations_that_cannot_work_are_refused(tmp_path, tokenizer_dir, qa_files):
-    from lowmem import distributed
+    from lowmem.run import distributed
 
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=1)
     result = cli_here(["train", *flags(cfg, "--chunked_cross_entropy=True", "--use_liger_kernel=True")])

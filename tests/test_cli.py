@@ -18,9 +18,9 @@ from conftest import cli, flags, tiny_config
 
 import train_low_mem
 from config import TRAIN_PRESETS, TrainConfig
-from lowmem.cli import check_repeated_flags, convert, quiet_loggers
-from lowmem.errors import UserError
-from lowmem.validate import check_config
+from lowmem.cli.flags import check_repeated_flags, convert, quiet_loggers
+from lowmem.run.errors import UserError
+from lowmem.train.validate import check_config
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -132,7 +132,7 @@ def test_every_preset_and_the_edges_of_each_range_pass():
 
 
 def test_warmup_beyond_max_steps_is_flagged_with_a_smaller_warmup():
-    from lowmem.validate import config_warnings
+    from lowmem.train.validate import config_warnings
 
     check_config(TrainConfig(max_steps=50, warmup_steps=100))  # legal: a resume may continue the schedule
     assert "--warmup_steps=5 (or any value up to 50)" in config_warnings(TrainConfig(max_steps=50, warmup_steps=100))[0]
@@ -259,7 +259,7 @@ def test_a_word_that_is_no_flag_is_refused_before_any_work(monkeypatch, capsys, 
 
 
 def test_records_only_flags_on_other_data_are_refused():
-    from lowmem.session import check_flags_apply
+    from lowmem.train.session import check_flags_apply
 
     for flag, value in (("val_ratio", 0.2), ("max_samples_per_user", 1)):
         with pytest.raises(UserError, match=rf"^--{flag}={value} applies to user-modeling records .* this run's "

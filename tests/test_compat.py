@@ -1,4 +1,4 @@
-"""Each private piece of another library that lowmem/compat.py relies on is still there and still does what we use
+"""Each private piece of another library that lowmem/run/compat.py relies on is still there and still does what we use
 it for. A failure names the library: read the function's comment in compat.py, then that library's changelog."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 
-from lowmem import compat
+from lowmem.run import compat
 
 
 def _fresh_accelerate():
@@ -119,4 +119,4 @@ def test_no_private_attribute_of_a_library_is_written_outside_compat():
                     if isinstance(target, ast.Attribute) and target.attr in ("forward", "step") and not (
                             isinstance(target.value, ast.Name) and target.value.id in ("self", "cls")):
                         found.append(f"{os.path.relpath(path, root)}:{node.lineno} {target.attr}")
-    assert not found, f"private writes outside lowmem/compat.py: {found}"
+    assert not found, f"private writes outside lowmem/run/compat.py: {found}"

@@ -18,7 +18,7 @@ FILLER = list(KEYS.values())  # filler words are answers too, so only the key de
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
     """A BPE where every word and role name is one token, so a conversation is about 25 tokens."""
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     words = list(KEYS) + FILLER + ["user", "assistant", "ok", "what"]
     path = str(tmp_path_factory.mktemp("conv_tok") / "tokenizer")

@@ -17,7 +17,7 @@ from lowmem.data.options import Columns, DataOptions
 from lowmem.data.pipeline import TrainData
 from lowmem.data.sources import container, open_dataset, parse_data_arg, parse_inputs
 from lowmem.data.stream import Shard, iter_shard
-from lowmem.errors import UserError
+from lowmem.run.errors import UserError
 
 
 def settings(**values):
@@ -124,7 +124,7 @@ def test_mixture_shares_follow_the_weights_and_resume_anywhere(tmp_path):
 
 
 def test_config_file_datasets_and_validation_of_another_kind(tmp_path, tokenizer_dir):
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     a = write_qa_parquet(tmp_path / "a.parquet", 60)
@@ -145,7 +145,7 @@ def test_config_file_datasets_and_validation_of_another_kind(tmp_path, tokenizer
 
 def test_tokenize_once_cache_gives_the_batches_of_the_source(tmp_path, tokenizer_dir):
     from lowmem.data.sft_cache_build import build_sft_cache
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     folder = write_shards(tmp_path / "shards", rows_of(write_qa_parquet(tmp_path / "a.parquet", 150, seed=5)), 3)
@@ -202,3 +202,28 @@ def test_every_missing_input_is_named_in_one_error(tmp_path):
         "c.parquet' does not exist", "unknown key(s) wieght", "entry 3 must be a mapping", "every one needs a weight"))
     inputs_ = parse_inputs(a, [], a, [], held_out_split=False)
     assert [s.paths for s in inputs_.train] == [[a]] == [s.paths for s in inputs_.validation]
+
+
+@pytest.mark.parametrize("kind", ["prompt_response", "pairs"])
+def test_strict_names_the_file_and_its_row_not_the_shuffled_position(tmp_path, tokenizer_dir, kind):
+    """A bad record at row 40 of the second file is named as that file's row 40, whatever the shuffle did."""
+    from lowmem.data.tokenizer import load_tokenizer
+
+    def row(i):
+        if kind == "pairs":
+            return {"prompt": f"question {i}", "chosen": f"yes {i}", "rejected": f"no {i}"}
+        return {"prompt": f"question {i}", "response": f"answer {i}"}
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(2):
+        rows = [row(100 * shard + i) for i in range(60)]
+        if shard == 1:
+            rows[40] = {**rows[40], ("rejected" if kind == "pairs" else "response"): ""}  # empty answer
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"train-{shard:05d}-of-00002.parquet", row_group_size=16)
+    data = TrainData(inputs(str(folder)), settings(strict=True, buffer_size=32, batch_size=4),
+                     load_tokenizer(tokenizer_dir), False, 0, 1, pin_memory=False, log=lambda _: None)
+    with pytest.raises(UserError) as caught:
+        for _ in data.epoch(0, Shard(0, 1), 0):
+            pass
+    assert str(caught.value).startswith(f"'{folder}/train-00001-of-00002.parquet' row 40: empty"), str(caught.value)

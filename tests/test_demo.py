@@ -31,11 +31,10 @@ def test_default_run_learns_held_out_questions(tmp_path):
     import torch
 
     from config import TrainConfig
-    from lowmem.evaluate import evaluate_loss
-    from lowmem.model import build_model
-    from lowmem.evaluate import generation_metrics
-    from lowmem.generate import GenerationOptions
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
+    from lowmem.infer.evaluate import evaluate_loss, generation_metrics
+    from lowmem.infer.generate import GenerationOptions
+    from lowmem.model.build import build_model
 
     tokenizer = load_tokenizer(str(final))
     torch.manual_seed(42)

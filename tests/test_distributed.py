@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import REPO, cli, cli_here, env_without, flags, read_jsonl, run_in_process, tiny_config
 
-from lowmem import distributed
-from lowmem.errors import UserError
+from lowmem.run import distributed
+from lowmem.run.errors import UserError
 
 CONFIGS = os.path.join(REPO, "accelerate_configs")
 HAS_FIELDS = all(f in {f.name for f in dataclasses.fields(__import__("config").TrainConfig)}

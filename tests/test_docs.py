@@ -18,7 +18,7 @@ def readme() -> str:
 def test_every_flag_is_documented():
     text = readme()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name}`" not in text]
-    assert not missing, f"README flag table lacks {missing}; regenerate it with python -m lowmem.docs"
+    assert not missing, f"README flag table lacks {missing}; regenerate it with python -m lowmem.cli.docs"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA31, LLAMA_SPECIALS, MISTRAL, NO_SYSTEM, QWEN25, QWEN3
+from conftest import LLAMA31, LLAMA_SPECIALS, MISTRAL, NO_SYSTEM, QWEN3, QWEN25
 from conftest import family_tokenizer as _family
 
 from lowmem.data.encoding import Encoded, SampleEncoder, Skipped
-from lowmem.errors import UserError
-from lowmem.template import IGNORE_INDEX, chat_layout, encode_example, render_prompt
+from lowmem.data.template import IGNORE_INDEX, chat_layout, encode_example, render_prompt
+from lowmem.run.errors import UserError
 
 TEMPLATES = ["chatml", "qwen25", "qwen3", "llama31", "mistral"]
 END = {"chatml": "<|im_end|>", "qwen25": "<|im_end|>", "qwen3": "<|im_end|>", "llama31": "<|eot_id|>",

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-
-from lowmem import cli_generate
-from lowmem.errors import UserError
-from lowmem.evaluate import bleu_tokenize, corpus_bleu, evaluate_loss, generation_metrics
-from lowmem.generate import GenerationOptions, generate_batch
-from lowmem.template import IGNORE_INDEX, encode_example
 from test_generate import dirs, llama, t5  # noqa: F401  (module fixtures shared with the generation tests)
+
+from lowmem.cli import infer as cli_generate
+from lowmem.data.template import IGNORE_INDEX, encode_example
+from lowmem.infer.evaluate import bleu_tokenize, corpus_bleu, evaluate_loss, generation_metrics
+from lowmem.infer.generate import GenerationOptions, generate_batch
+from lowmem.run.errors import UserError
 
 ROWS = [("the cat", "sat on the mat"), ("a dog ran in the park and " * 6, "猫在山上"),
         ("hello", "world, how are you"), ("What is 1 + 2?", "3"), ("倒序：书 雨 花", "花 雨 书")]

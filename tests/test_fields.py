@@ -11,8 +11,8 @@ import pytest
 from config import TRAIN_PRESETS, TrainConfig
 from lowmem.checkpoint.files import write_manifest
 from lowmem.checkpoint.resume import fingerprint, plan_resume
-from lowmem.errors import UserError
 from lowmem.fields import RESUME_RULES, rules
+from lowmem.run.errors import UserError
 
 
 @pytest.mark.parametrize("preset", sorted(TRAIN_PRESETS))
@@ -73,7 +73,7 @@ def test_a_checkpoint_missing_a_part_it_should_hold_is_unusable(tmp_path):
 
 
 def test_ranges_come_from_the_fields():
-    from lowmem.validate import check_config
+    from lowmem.train.validate import check_config
 
     with pytest.raises(UserError, match=r"--lora_alpha=0.0 must be greater than 0"):
         check_config(TrainConfig(lora_r=8, lora_alpha=0.0))

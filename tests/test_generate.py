@@ -14,11 +14,19 @@ import time
 import pytest
 import torch
 
-from lowmem import cli_generate
-from lowmem.errors import UserError
-from lowmem.generate import (GenerationOptions, generate_batch, generate_samples, generate_text, load_for_inference,
-                             prompt_ids, resolve_model_dir, stream_text)
-from lowmem.template import build_messages, encode_prompt, stop_token_ids
+from lowmem.cli import infer as cli_generate
+from lowmem.data.template import build_messages, encode_prompt, stop_token_ids
+from lowmem.infer.generate import (
+    GenerationOptions,
+    generate_batch,
+    generate_samples,
+    generate_text,
+    load_for_inference,
+    prompt_ids,
+    resolve_model_dir,
+    stream_text,
+)
+from lowmem.run.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["the cat sat on the mat", "a dog ran in the park", "猫在山上", "狗在水里", "What is 1 + 2? 3",
@@ -28,7 +36,7 @@ PROMPTS = ["the cat", "a dog ran in the park and the cat sat on the mat", "猫�
 
 
 def _save_tokenizer(root):
-    from lowmem.tokenizer import train_bpe_tokenizer
+    from lowmem.data.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(CORPUS * 20, 400, str(root / "tokenizer"))
 
@@ -330,7 +338,7 @@ def test_unknown_flags_are_refused_before_the_model_is_loaded(tmp_path, command,
 def test_help_lists_every_flag_with_a_meaning(name, capsys):
     import inspect
 
-    from lowmem.cli import explicit_flags
+    from lowmem.cli.flags import explicit_flags
 
     command = getattr(cli_generate, name)
     required = {flag: "unused" for flag, p in inspect.signature(command).parameters.items()
@@ -350,7 +358,7 @@ def demo_model(tmp_path_factory, tokenizer_dir):
     """The tiny preset after 40 steps on the bundled demo Q&A: enough to end its answers with <|im_end|>."""
     from conftest import run_in_process, tiny_config
 
-    from lowmem.demo import write_demo_data
+    from lowmem.data.demo import write_demo_data
 
     root = tmp_path_factory.mktemp("demo_model")
     write_demo_data(str(root / "data"))

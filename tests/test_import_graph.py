@@ -96,3 +96,62 @@ def test_the_graph_reader_sees_function_level_relative_and_submodule_imports(tmp
 def test_lowmem_has_no_import_cycles():
     found = cycles(import_graph(REPO))
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c + c[:1]) for c in found)
+
+
+def unit_of(module: str) -> str:
+    """The package (or loose module) directly under lowmem that a module belongs to."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def allowed_imports(root: str) -> dict[str, set[str]]:
+    """unit -> the units its docstring's `May import:` line names (a package's __init__, or a loose module)."""
+    allowed = {}
+    for module, path in package_modules(root).items():
+        if module.count(".") != 1:  # lowmem itself, or a module inside a package
+            continue
+        with open(path, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        lines = [line for line in doc.splitlines() if line.startswith("May import:")]
+        assert len(lines) == 1, f"{path}: its docstring needs one 'May import: a, b.' line"
+        names = lines[0].removeprefix("May import:").strip().rstrip(".")
+        allowed[unit_of(module)] = set() if names == "nothing" else {n.strip() for n in names.split(",")}
+    return allowed
+
+
+def disallowed_imports(root: str) -> list[str]:
+    """Imports from one unit into another that the importing unit's docstring does not name."""
+    allowed = allowed_imports(root)
+    found = []
+    for module, targets in import_graph(root).items():
+        for target in targets:
+            source, goal = unit_of(module), unit_of(target)
+            if source != goal and goal != PACKAGE and goal not in allowed[source]:
+                found.append(f"{module} -> {target}")
+    return sorted(found)
+
+
+def test_each_package_imports_only_what_its_docstring_allows_and_nothing_imports_cli():
+    allowed = allowed_imports(REPO)
+    assert set(allowed) >= {"cli", "train", "infer", "checkpoint", "model", "data", "run", "fields"}
+    assert not any("cli" in names for names in allowed.values()), "nothing may import cli"
+    found = disallowed_imports(REPO)
+    assert not found, "imports the importing package's docstring does not allow:\n" + "\n".join(found)
+
+
+def test_at_most_three_loose_modules_in_the_package():
+    loose = [name for name in os.listdir(os.path.join(REPO, PACKAGE))
+             if name.endswith(".py") and name != "__init__.py"]
+    assert len(loose) <= 3, loose
+
+
+def test_an_import_the_docstring_does_not_allow_is_caught(tmp_path):
+    package = tmp_path / PACKAGE
+    for unit, may in (("run", "nothing"), ("model", "run")):
+        (package / unit).mkdir(parents=True)
+        (package / unit / "__init__.py").write_text(f'"""{unit}.\n\nMay import: {may}.\n"""\n')
+    (package / "__init__.py").write_text("")
+    (package / "run" / "a.py").write_text("def f():\n    from ..model import b\n")
+    (package / "model" / "b.py").write_text("from ..run import a\n")
+    assert allowed_imports(str(tmp_path)) == {"run": set(), "model": {"run"}}
+    assert disallowed_imports(str(tmp_path)) == ["lowmem.run.a -> lowmem.model", "lowmem.run.a -> lowmem.model.b"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import COMPILES, cli, cli_here, env_without, flags, read_jsonl, run_in_process, tiny_config
 
-from lowmem.autobatch import largest_fitting, split_global_batch
-from lowmem.errors import UserError
+from lowmem.run.errors import UserError
+from lowmem.train.autobatch import largest_fitting, split_global_batch
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 

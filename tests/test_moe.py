@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import read_jsonl, run_in_process, tiny_config, two_processes, cli, flags
+from conftest import cli, flags, read_jsonl, run_in_process, tiny_config, two_processes
 
 
 def _model(path):
@@ -28,7 +28,7 @@ def _batch(tokenizer_dir, padded: bool = True):
 def test_router_loss_is_the_models_own_and_leaves_padding_out(qwen3_moe_dir, tokenizer_dir):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    from lowmem.moe import router_aux_loss
+    from lowmem.model.moe import router_aux_loss
 
     model = _model(qwen3_moe_dir).requires_grad_(False)
     batch = _batch(tokenizer_dir)
@@ -45,7 +45,7 @@ def test_router_loss_is_the_models_own_and_leaves_padding_out(qwen3_moe_dir, tok
 
 
 def test_router_loss_moves_the_gate_and_zero_turns_it_off(qwen3_moe_dir, tokenizer_dir):
-    from lowmem.objective import TokenLoss
+    from lowmem.train.objective import TokenLoss
 
     batch = _batch(tokenizer_dir)
     grads = {}
@@ -124,7 +124,7 @@ def test_lora_adapts_the_experts_never_the_router_and_merges_exactly(qwen3_moe_d
     from peft.tuners.lora import ParamWrapper
 
     from config import TrainConfig
-    from lowmem.adapters import apply_lora, base_state_dict, lora_merges
+    from lowmem.model.adapters import apply_lora, base_state_dict, lora_merges
 
     said = []
     cfg = TrainConfig(finetune_from_ckp_file=qwen3_moe_dir, lora_r=4, lora_alpha=8.0)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowmem.nonfinite import NonfiniteGuard, TrainingHalted
-from lowmem.state import TrainState
+from lowmem.train.nonfinite import NonfiniteGuard, TrainingHalted
+from lowmem.train.state import TrainState
 
 
 class Metrics:

@@ -16,8 +16,8 @@ import torch
 from conftest import REPO, cli, cli_here, flags, read_jsonl, run_in_process, tiny_config, two_processes
 from test_resume import losses, start, wait_for_step, weights
 
-from lowmem.errors import UserError
-from lowmem.preference import PreferenceSettings, pair_losses
+from lowmem.run.errors import UserError
+from lowmem.train.preference import PreferenceSettings, pair_losses
 
 ANIMALS, OTHERS = ["cat", "dog", "fish", "bird"], ["sun", "moon", "tree", "book"]
 
@@ -95,7 +95,7 @@ def _tiny_model(tokenizer_dir):
     from transformers import AutoTokenizer
 
     from config import TrainConfig
-    from lowmem.model import build_model
+    from lowmem.model.build import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ class _FixedReference:
 
 def test_packed_pairs_give_the_padded_loss_and_gradients(tokenizer_dir, pair_files):
     from lowmem.data.pairs import PairEncoder, PairPacker, collate_pairs
-    from lowmem.preference import PreferenceLoss
+    from lowmem.train.preference import PreferenceLoss
 
     model, tokenizer = _tiny_model(tokenizer_dir)
     rows = read_jsonl(pair_files["train_file"])[:7]
@@ -226,6 +226,43 @@ def test_the_reference_cache_is_computed_once_and_refused_when_it_differs(tmp_pa
     assert not os.path.exists(other.checkpoint_dir())
 
 
+def test_a_changed_or_cut_reference_cache_is_said_and_only_its_bad_rows_are_computed_again(tmp_path):
+    from lowmem.data.reference_cache import BLOCK_ROWS, RECORD, ReferenceCache
+
+    n, fingerprint, said = 3 * BLOCK_ROWS + 100, {"reference_model": "m", "data": "d"}, []
+    cache = ReferenceCache(str(tmp_path / "pairs.reference"))
+    assert not cache.prepare(fingerprint, n, log=said.append) and not said  # a new cache: nothing to say
+    values = [(-1.0 - i, -2.0 - i) for i in range(n)]
+    half = n // 2
+    cache.write(list(range(half)), values[:half])
+    assert not cache.prepare(fingerprint, n, log=said.append)  # a build killed half-way goes on, and says so
+    assert said == [f"reference cache '{cache.data_path}': continuing an interrupted build from row {half} "
+                    f"({half} of {n} rows already computed)"]
+    cache.write(list(range(half, n)), values[half:])
+    cache.finish()
+    assert cache.prepare(fingerprint, n, log=said.append) and len(said) == 1  # complete and verified: silent
+
+    original = open(cache.data_path, "rb").read()
+    with open(cache.data_path, "r+b") as f:  # 16 rows zeroed in place: same size, other numbers
+        f.seek((BLOCK_ROWS + 5) * RECORD.itemsize)
+        f.write(b"\0" * 16 * RECORD.itemsize)
+    assert not cache.prepare(fingerprint, n, log=said.append)
+    assert said[-1] == (f"reference cache '{cache.data_path}': rows {BLOCK_ROWS}-{2 * BLOCK_ROWS - 1} differ from "
+                        "the hashes written when they were computed (the file changed on disk): computing them again")
+    assert list(cache.pending_rows()) == list(range(BLOCK_ROWS, 2 * BLOCK_ROWS))  # only that block
+    assert cache.values(0) == values[0] and cache.values(n - 1) == values[n - 1]
+    cache.write(list(range(BLOCK_ROWS, 2 * BLOCK_ROWS)), values[BLOCK_ROWS:2 * BLOCK_ROWS])
+    cache.finish()
+    assert open(cache.data_path, "rb").read() == original
+
+    with open(cache.data_path, "r+b") as f:  # cut short, in the middle of the third block
+        f.truncate((2 * BLOCK_ROWS + 7) * RECORD.itemsize)
+    assert not cache.prepare(fingerprint, n, log=said.append)
+    assert said[-1].endswith(f"(the file is cut short): computing rows {2 * BLOCK_ROWS}-{n - 1} again")
+    assert list(cache.pending_rows()) == list(range(2 * BLOCK_ROWS, n))
+    assert cache.values(2 * BLOCK_ROWS) is None and cache.values(2 * BLOCK_ROWS - 1) == values[2 * BLOCK_ROWS - 1]
+
+
 def start_command(args: list[str]) -> subprocess.Popen:
     command = [sys.executable, os.path.join(REPO, "train_low_mem.py"), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -250,11 +287,12 @@ def test_a_killed_cache_build_continues_where_it_stopped(tmp_path, tokenizer_dir
         time.sleep(0.02)  # until a part of the rows is written
     os.killpg(build.pid, signal.SIGKILL)
     build.wait()
-    left = len(cache.pending_rows())
+    left, first = len(cache.pending_rows()), int(cache.pending_rows()[0])
     assert 0 < left < 1200 and not cache.complete
     done = cli_here(["prepare", "reference", *flags(run)])
     assert done.returncode == 0, done.stderr[-2000:]
     assert cache.complete and f"computed in {-(-left // 8)} forward passes" in done.stdout  # only what was left
+    assert f"continuing an interrupted build from row {first} ({1200 - left} of 1200 rows already computed)" in done.stdout
     clean = cli_here(["prepare", "reference", *flags(run, f"--reference_cache_dir={tmp_path}/clean")])
     assert clean.returncode == 0
     with open(cache.data_path, "rb") as a, open(os.path.join(str(tmp_path), "clean", "many.reference.bin"), "rb") as b:
@@ -316,7 +354,7 @@ def test_lora_references_without_a_second_model(tmp_path, pair_files, llama_dir,
 
 
 def test_preference_flags_on_other_data_and_impossible_references_are_refused(tmp_path, tokenizer_dir, qa_files):
-    from lowmem.reference import choose
+    from lowmem.train.reference import choose
 
     with pytest.raises(UserError, match="--beta=0.5 applies to preference pairs"):
         run_in_process(tiny_config(tmp_path, tokenizer_dir, qa_files, beta=0.5))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lowmem.data.prepare import clean, convert, split, stats, train_tokenizer
-from lowmem.errors import UserError
+from lowmem.run.errors import UserError
 
 WORDS = ["cat", "dog", "sun", "moon", "tree", "猫", "狗", "山", "水", "花", "river", "stone"]
 
@@ -215,7 +215,7 @@ def test_stats_percentiles_nulls_tokens_and_histogram(tmp_path, tiny_tokenizer):
 
 
 def test_train_tokenizer_samples_a_bounded_number_of_rows(tmp_path):
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     corpus = tmp_path / "corpus.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
@@ -239,7 +239,7 @@ def test_train_tokenizer_samples_a_bounded_number_of_rows(tmp_path):
 def test_cli_rejects_unknown_flags_before_doing_any_work(tmp_path, capsys):
     import fire
 
-    from lowmem.cli_prepare import PrepareCommands
+    from lowmem.cli.prepare import PrepareCommands
 
     src = write_all_formats(tmp_path, qa_rows(5))["csv"]
     out = str(tmp_path / "cli.parquet")
@@ -322,7 +322,7 @@ def test_split_missing_group_column_points_at_convert_keep_columns(tmp_path):
 def test_prepare_help_lists_each_flag_with_its_meaning(capsys):
     import fire
 
-    from lowmem.cli_prepare import PrepareCommands
+    from lowmem.cli.prepare import PrepareCommands
 
     fire.Fire(PrepareCommands, command=["train_tokenizer", "--input=x", "--output_dir=y", "--help"])
     out = capsys.readouterr().out

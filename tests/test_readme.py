@@ -119,8 +119,9 @@ def with_tiny_sizes(args: list[str]) -> list[str]:
 
 def run_in_process(args: list[str], stdin: str, capsys) -> tuple[int, str, str]:
     """train_low_mem.py's own command line, in this process (no second torch import per command)."""
-    import train_low_mem
     from accelerate.state import AcceleratorState, GradientState
+
+    import train_low_mem
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -130,7 +131,7 @@ def run_in_process(args: list[str], stdin: str, capsys) -> tuple[int, str, str]:
     except SystemExit as exc:
         code = exc.code
     except Exception as exc:  # a UserError is what main() turns into exit 2
-        from lowmem.errors import UserError
+        from lowmem.run.errors import UserError
 
         if not isinstance(exc, UserError):
             raise

@@ -8,7 +8,7 @@ import torch
 from conftest import cli_here, flags, read_jsonl, run_in_process, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowmem import recompute
+from lowmem.model import recompute
 
 LAYERS = 4
 

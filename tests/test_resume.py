@@ -14,7 +14,6 @@ import torch
 from conftest import REPO, cli, cli_here, flags, read_jsonl, run_in_process, tiny_config, two_processes
 
 
-
 def losses(cfg) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(cfg.logging_dir(), "metrics.jsonl")) if "loss" in r}
 

@@ -15,8 +15,17 @@ import sys
 
 import psutil
 import pytest
-from conftest import (REPO, cli, cli_here, flags, read_jsonl, run_in_process, tiny_config, two_processes,
-                      write_qa_parquet)
+from conftest import (
+    REPO,
+    cli,
+    cli_here,
+    flags,
+    read_jsonl,
+    run_in_process,
+    tiny_config,
+    two_processes,
+    write_qa_parquet,
+)
 from test_resume import losses, start, wait_for_step
 
 from lowmem.checkpoint.files import complete_checkpoints, verify
@@ -133,7 +142,7 @@ def test_runs_with_different_output_dirs_keep_their_own_logs(tmp_path, tokenizer
     shared = dataclasses.replace(runs[1], log_dir=str(tmp_path / "logs"), wandb_run_name="same")
     run_in_process(dataclasses.replace(runs[0], log_dir=str(tmp_path / "logs"), wandb_run_name="same",
                                        overwrite_output_dir=True))
-    from lowmem.errors import UserError
+    from lowmem.run.errors import UserError
 
     with pytest.raises(UserError, match="belongs to the run in"):
         run_in_process(dataclasses.replace(shared, overwrite_output_dir=True))
@@ -192,7 +201,7 @@ def test_unusable_training_data_is_an_error_and_skip_counts_survive_resume(tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lowmem.errors import UserError
+    from lowmem.run.errors import UserError
 
     empty = tmp_path / "empty_responses.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b", "c"], "response": ["", " ", ""]}), empty)
@@ -252,7 +261,7 @@ def test_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, 
 def test_elastic_resume_two_to_one_and_one_to_two_processes(tmp_path, tokenizer_dir, qa_files):
     """12 steps on two processes, the rest on one, and the other way round (the two processes started by torchrun, with
     the --local_rank flag the older launcher passes): every step's loss is the one-process run's."""
-    from lowmem.distributed import free_port
+    from lowmem.run.distributed import free_port
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     common = dict(epochs=1, validation_file="", lr_scheduler="constant", warmup_steps=0, dropout=0.0, save_steps=1000)
@@ -333,8 +342,8 @@ def test_a_full_disk_under_the_log_dir_is_one_line_and_leaves_no_empty_file(tmp_
     disk.mkdir()
     script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
               "from config import TrainConfig\n"
-              "from lowmem.errors import UserError\n"
-              "from lowmem.ownership import claim_log_dir\n"
+              "from lowmem.run.errors import UserError\n"
+              "from lowmem.train.ownership import claim_log_dir\n"
               "try:\n"
               f"    claim_log_dir(TrainConfig(run_name='r', output_dir='{tmp_path}/ms', log_dir='{disk}'))\n"
               "except UserError as exc:\n"
@@ -348,3 +357,35 @@ def test_a_full_disk_under_the_log_dir_is_one_line_and_leaves_no_empty_file(tmp_
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "the disk under the log dir" in errors[0] and "is full" in errors[0], out
     assert "owner.json" not in out  # neither the file nor its temporary copy is left
+
+
+def test_a_log_dir_with_a_few_kib_free_is_the_same_one_line(tmp_path):
+    """TensorBoard's flush (not our jsonl append) is what fails with 4 KiB left: still one line, no thread traceback."""
+    disk = tmp_path / "logs_disk"
+    disk.mkdir()
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
+              "from accelerate import Accelerator\n"
+              "from lowmem.run.errors import UserError\n"
+              "from lowmem.train.metrics import MetricsWriter\n"
+              f"accelerator = Accelerator(log_with='tensorboard', project_dir='{disk}')\n"
+              "accelerator.init_trackers('r')\n"
+              f"metrics = MetricsWriter(accelerator, '{disk}/r', None)\n"
+              f"free = os.statvfs('{disk}')\n"
+              "print('free:', free.f_bavail * free.f_frsize)\n"
+              "try:\n"
+              "    for step in range(1, 20000):\n"
+              "        metrics.log({'loss': 1 / step, 'lr': 1e-3, 'grad_norm': 0.5}, step)\n"
+              "    metrics.close()\n"
+              "except UserError as exc:\n"
+              "    print('error:', exc)\n")
+    (tmp_path / "log.py").write_text(script)
+    fill = f"head -c 1040000 /dev/zero > {disk}/filler 2>/dev/null; "
+    command = mount_script(1, str(disk), f"{fill}{sys.executable} {tmp_path}/log.py {REPO}")
+    if command is None:
+        pytest.skip("no tmpfs can be mounted here (needs unshare -rm or root)")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    free = int(next(line for line in done.stdout.splitlines() if line.startswith("free:")).split()[1])
+    errors = [line for line in done.stdout.splitlines() if line.startswith("error:")]
+    assert 0 < free <= 16384, done.stdout  # a few KiB, not zero
+    assert len(errors) == 1 and "the disk under the log dir" in errors[0] and "is full" in errors[0], done.stdout
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr[-2000:]

@@ -12,7 +12,7 @@ from conftest import cli_here, read_jsonl, run_in_process, tiny_config
 
 from lowmem.data.batches import collate, collate_packed, pack_rows
 from lowmem.data.encoding import SampleEncoder
-from lowmem.template import IGNORE_INDEX, encode_example
+from lowmem.data.template import IGNORE_INDEX, encode_example
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lowmem.data.token_file import TokenFile, token_dtype, tokenize_to_bin
-from lowmem.errors import UserError
+from lowmem.run.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["cat", "dog", "sun", "moon", "tree", "猫", "狗", "山", "水", "花", "river", "stone"]
@@ -34,7 +34,7 @@ def write_text_parquet(path, docs, row_group_size=64) -> str:
 
 
 def decode_documents(file: TokenFile, tokenizer_dir: str) -> list[str]:
-    from lowmem.tokenizer import load_tokenizer
+    from lowmem.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = np.asarray(file.tokens, dtype=np.int64)

@@ -73,7 +73,7 @@ def test_export_loads_with_plain_transformers_and_matches(tmp_path, tokenizer_di
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem.model import build_model
+    from lowmem.model.build import build_model
 
     cfg = tiny_config(tmp_path, tokenizer_dir, qa_files, max_steps=5, save_steps=5)
     run_in_process(cfg)

@@ -8,11 +8,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lowmem.data.user_prompts import (ABLATION_SECTIONS, ABLATIONS, DETAILED_HEADERS, PROMPT_STYLES, SIMPLE_TAGS,
-                                      build_prompt, fit_prompt, prompt_sections, to_prompt_response)
-from lowmem.data.usermodel import (BadRow, Record, build_history, convert_prompt_response, format_summary,
-                                   read_records, sample_per_user, split_train_val, summarize)
-from lowmem.errors import UserError
+from lowmem.data.user_prompts import (
+    ABLATION_SECTIONS,
+    ABLATIONS,
+    DETAILED_HEADERS,
+    PROMPT_STYLES,
+    SIMPLE_TAGS,
+    build_prompt,
+    fit_prompt,
+    prompt_sections,
+    to_prompt_response,
+)
+from lowmem.data.usermodel import (
+    BadRow,
+    Record,
+    build_history,
+    convert_prompt_response,
+    format_summary,
+    read_records,
+    sample_per_user,
+    split_train_val,
+    summarize,
+)
+from lowmem.run.errors import UserError
 
 
 def make_records(n_users: int, per_user, seed: int = 0, item_repeats: bool = False) -> list[Record]:

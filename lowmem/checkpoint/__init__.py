@@ -5,8 +5,11 @@ resume.py    which checkpoint a resume starts from and whether this run's settin
 weights.py   how the model's weights are stored: every weight, or LoRA adapters only (decided once)
 sharded.py   DeepSpeed ZeRO and FSDP optimizer states
 files.py     manifests with content hashes, verification, disk space, RNG states
+
+It reads the model package for adapter files and sizes and the data template for exports.
+May import: model, data, fields, run.
 """
-from ..errors import DiskFull
+from ..run.errors import DiskFull
 from .files import BEST, check_checkpoints, list_checkpoints
 from .manager import CheckpointManager, RunParts
 from .resume import ResumePlan, fingerprint, plan_resume

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..errors import DiskFull, UserError
+from ..run.errors import DiskFull, UserError
 
 MANIFEST, TRAIN_STATE = "manifest.json", "train_state.json"
 PREFIX, TMP_PREFIX, BEST = "step_", ".tmp_step_", "best"

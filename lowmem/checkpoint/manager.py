@@ -30,9 +30,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DiskFull, UserError, is_disk_full
-from .files import (BEST, PREFIX, TMP_PREFIX, TRAIN_STATE, check_free_space, checkpoint_bytes, list_checkpoints,
-                    read_train_state, rng_state, set_rng_state, verify, write_manifest)
+from ..run.errors import DiskFull, UserError, is_disk_full
+from .files import (
+    BEST,
+    PREFIX,
+    TMP_PREFIX,
+    TRAIN_STATE,
+    check_free_space,
+    checkpoint_bytes,
+    list_checkpoints,
+    read_train_state,
+    rng_state,
+    set_rng_state,
+    verify,
+    write_manifest,
+)
 from .resume import ResumePlan, apply_settings, optimizer_hyperparameters
 from .sharded import check_layout, load_sharded, save_sharded_optimizer, sharded_kind
 
@@ -50,7 +62,7 @@ class RunParts:
 
 
 def _real_bytes(params) -> int:
-    from ..sizes import real_numel
+    from ..model.sizes import real_numel
 
     return sum(real_numel(p) * p.element_size() for p in params)
 
@@ -219,7 +231,7 @@ class CheckpointManager:
     def export(self, model, config: dict, path: str) -> None:
         """The weights (merged LoRA, or the adapters), tokenizer and resolved config, written atomically to `path`;
         a full disk keeps the previous export. Every process calls this."""
-        from ..template import stop_token_ids
+        from ..data.template import stop_token_ids
 
         acc, tokenizer = self.accelerator, self.parts.tokenizer
         tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import UserError
 from ..fields import APPLIED, DATA, REFUSED, names_with
+from ..run.errors import UserError
 from .files import list_checkpoints, read_train_state, verify
 
 # settings the optimizer's param groups hold: a change on resume is written into them
@@ -100,7 +100,7 @@ def apply_settings(optimizer, scheduler, fresh_groups: list[dict], learn_rate: f
     """After loading saved state: the param groups take this run's hyperparameters, the schedule its peak lr."""
     import torch
 
-    from ..compat import set_scheduler_last_lr
+    from ..run.compat import set_scheduler_last_lr
 
     groups = getattr(optimizer, "param_groups", [])
     for group, fresh in zip(groups, fresh_groups):

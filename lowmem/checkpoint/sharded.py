@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..errors import UserError
+from ..run.errors import UserError
 
 
 def sharded_kind(accelerator) -> str | None:

@@ -14,7 +14,7 @@ import copy
 import os
 import warnings
 
-from .. import adapters
+from ..model import adapters
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = adapters.ADAPTER_CONFIG, "adapter_model.safetensors"
 BASE_DIR = adapters.BASE_DIR

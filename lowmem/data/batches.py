@@ -10,12 +10,12 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import UserError
-from ..template import IGNORE_INDEX
+from ..run.errors import UserError
+from .template import IGNORE_INDEX
 
 ENCODE_GROUP = 64  # samples per batched tokenizer call
 CHUNK_TOKENS = 1 << 21  # packing looks at least this many tokens at once: long conversations need small ones beside them
@@ -44,35 +44,41 @@ class Batch:
                        extra={k: move(v) for k, v in self.extra.items()})
 
 
-def encode_stream(samples: Iterable[tuple[int, dict]], encoder, names: list[str] | None = None
-                  ) -> Iterator[tuple[int, object, Counter]]:
+def encode_stream(samples: Iterable[tuple[int, dict]], encoder, names: list[str] | None = None,
+                  locate: Callable[[dict], str | None] | None = None) -> Iterator[tuple[int, object, Counter]]:
     """(position, encoded sample or None, counters of that row), encoding ENCODE_GROUP samples per tokenizer call.
 
-    A row the reader could not parse arrives as {'_skip': reason}; `_source` names a mixture's dataset.
+    A row the reader could not parse arrives as {'_skip': reason}; `_source` names a mixture's dataset. `locate`
+    names a sample's file and row for --strict errors (the stream position is shuffled, not where the row is).
     """
     pending: list[tuple[int, dict]] = []
     for item in samples:
         pending.append(item)
         if len(pending) == ENCODE_GROUP:
-            yield from _encode_group(pending, encoder, names)
+            yield from _encode_group(pending, encoder, names, locate)
             pending = []
     if pending:
-        yield from _encode_group(pending, encoder, names)
+        yield from _encode_group(pending, encoder, names, locate)
 
 
-def _encode_group(pending, encoder, names) -> Iterator[tuple[int, object, Counter]]:
-    from .encoding import Skipped
+def _encode_group(pending, encoder, names, locate) -> Iterator[tuple[int, object, Counter]]:
+    from .encoding import Skipped, where
+
+    def label(position: int, sample: dict):  # only strict runs name rows, so only they pay for it
+        if not encoder.strict or locate is None:
+            return position
+        return locate(sample) or position
 
     readable = [(p, s) for p, s in pending if "_skip" not in s]
     keep = ("_reference",)  # what an encoder reads beside the row's own fields
     results = iter(encoder.encode_many([{k: v for k, v in s.items() if not k.startswith("_") or k in keep}
-                                        for _, s in readable], [p for p, _ in readable]))
+                                        for _, s in readable], [label(p, s) for p, s in readable]))
     for position, sample in pending:
         counts: Counter = Counter()
         if "_skip" in sample:
             if encoder.strict:
-                raise UserError(f"'{encoder.source}' sample {position}: {sample['_skip'].replace('_', ' ')} (run without "
-                                "--strict to skip such rows)")
+                raise UserError(f"{where(encoder.source, label(position, sample))}: "
+                                f"{sample['_skip'].replace('_', ' ')} (run without --strict to skip such rows)")
             counts[f"skipped_{sample['_skip']}"] += 1
             yield position, None, counts
             continue

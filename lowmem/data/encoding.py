@@ -22,9 +22,19 @@ import numpy as np
 import torch
 from jinja2 import TemplateError
 
-from ..errors import UserError
-from ..template import (IGNORE_INDEX, answer_affixes, answer_text, build_messages, chat_layout, ensure_chat_template,
-                        render_chat, render_prompt, render_seq2seq_prompt, turn_end_pattern)
+from ..run.errors import UserError
+from .template import (
+    IGNORE_INDEX,
+    answer_affixes,
+    answer_text,
+    build_messages,
+    chat_layout,
+    ensure_chat_template,
+    render_chat,
+    render_prompt,
+    render_seq2seq_prompt,
+    turn_end_pattern,
+)
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -42,6 +52,11 @@ class Encoded:
 @dataclass
 class Skipped:
     reason: str
+
+
+def where(source: str, position, noun: str = "sample") -> str:
+    """How a strict error names a row: a location the reader gave ("'a.parquet' row 40"), else the stream position."""
+    return position if isinstance(position, str) else f"'{source}' {noun} {position}"
 
 
 @dataclass
@@ -176,7 +191,7 @@ class SampleEncoder:
             pending = [i for i in pending if isinstance(results[i], _Job)]
         for result, position in zip(results, positions):
             if self.strict and isinstance(result, Skipped):
-                raise UserError(f"'{self.source}' sample {position}: {result.reason} "
+                raise UserError(f"{where(self.source, position)}: {result.reason} "
                                 "(run without --strict to skip such rows)")
         drafts = [i for i, result in enumerate(results) if isinstance(result, _Draft)]
         for i, encoded in zip(drafts, _tensors([results[i] for i in drafts])):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .tables import epoch_rng
 
 MIN_BLOCK, MAX_BLOCK = 1000, 1 << 20

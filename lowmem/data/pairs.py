@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
-from ..template import IGNORE_INDEX, answer_text, build_messages, render_prompt
+from ..run.errors import UserError
 from .batches import Batch
-from .encoding import ROLE_ALIASES, Skipped, batch_encoder
+from .encoding import ROLE_ALIASES, Skipped, batch_encoder, where
+from .template import IGNORE_INDEX, answer_text, build_messages, render_prompt
 
 TRUNCATION = "keep the prompt's end, never cut an answer (v1)"  # what reference caches record of the cut
 
@@ -109,8 +109,8 @@ class PairEncoder:
         for plan, sample, position in zip(planned, samples, positions):
             result = plan if isinstance(plan, Skipped) else self._fit(next(ids), next(ids), next(ids))
             if isinstance(result, Skipped) and self.strict:
-                raise UserError(f"'{self.source}' pair {position}: {result.reason.replace('_', ' ')} (run without "
-                                "--strict to skip such pairs)")
+                raise UserError(f"{where(self.source, position, 'pair')}: {result.reason.replace('_', ' ')} (run "
+                                "without --strict to skip such pairs)")
             if isinstance(result, EncodedPair) and "_reference" in sample:
                 result.reference = sample["_reference"]
             results.append(result)

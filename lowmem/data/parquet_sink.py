@@ -5,7 +5,7 @@ import os
 
 import pyarrow as pa
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .rawio import DEFAULT_ROW_GROUP_SIZE
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .batches import Batch, Prefetcher, SamplePacker, batches_from, encode_stream, packed_batches_from, skip_batches
 from .encoding import SampleEncoder, Skipped
 from .mixture import Mixture
@@ -139,19 +139,30 @@ class TrainData:
                 d.source.check_ids(vocab_size)
         n = min(PEEK_SAMPLES, self.source.num_samples)
         samples = [self.source.sample(0, g) for g in range(n)]
-        readable = [{k: v for k, v in s.items() if not k.startswith("_")} for s in samples if "_skip" not in s]
-        results = self.encoder.encode_many(readable, list(range(len(readable)))) if readable else []
+        usable = [s for s in samples if "_skip" not in s]
+        readable = [{k: v for k, v in s.items() if not k.startswith("_")} for s in usable]
+        results = self.encoder.encode_many(readable, [self._locate(self.source, s) or i for i, s in enumerate(usable)]) \
+            if readable else []
         if not any(not isinstance(r, Skipped) for r in results):
             reasons = sorted({r.reason for r in results} | {s["_skip"] for s in samples if "_skip" in s})
             raise UserError(f"no usable rows in the first {n} samples of the training data ({self.describe_first()}): "
                             f"every one was skipped ({', '.join(reasons) or 'no rows'}); check the columns and "
                             "--max_seq_len")
 
+    @staticmethod
+    def _locate(source, sample: dict) -> str | None:
+        """The file and row a sample of `source` was read from ("'a.parquet' row 40"), where its reader knows them."""
+        inner = getattr(source, "sources", None)  # a mixture: `_source` says which dataset
+        origin = inner[sample["_source"]] if inner is not None and "_source" in sample else source
+        if "_row" not in sample or not hasattr(origin, "locate"):
+            return None
+        return origin.locate(sample["_row"])
+
     def describe_first(self) -> str:
         return self.datasets[0].spec.paths[0] + (" ..." if len(self.datasets) > 1 else "")
 
-    def _batches(self, samples, encoder) -> Iterator[Batch]:
-        stream = encode_stream(samples, encoder, self.names)
+    def _batches(self, samples, encoder, source) -> Iterator[Batch]:
+        stream = encode_stream(samples, encoder, self.names, lambda sample: self._locate(source, sample))
         o = self.options
         if self.packing:
             packer = PairPacker if self.pairs else SamplePacker
@@ -161,7 +172,7 @@ class TrainData:
 
     def epoch(self, epoch: int, shard: Shard, start_position: int, skip: int = 0) -> Prefetcher:
         samples = self._with_reference(iter_shard(self.source, epoch, shard, start_position), self.source)
-        stream = skip_batches(self._batches(samples, self.encoder), skip)
+        stream = skip_batches(self._batches(samples, self.encoder, self.source), skip)
         return Prefetcher(stream, self.options.prefetch_batches, self.pin_memory)
 
     def validation_batches(self) -> list[tuple[str, float, Iterator[Batch]]]:
@@ -170,5 +181,5 @@ class TrainData:
         for d, weight in self.validation:
             encoder = self._encoder(self.encoder.tokenizer, d.spec.paths[0])
             samples = self._with_reference(iter_shard(d.source, 0, Shard(self.rank, self.world), 0), d.source)
-            out.append((d.name, weight, self._batches(samples, encoder)))
+            out.append((d.name, weight, self._batches(samples, encoder, d.source)))
         return out

@@ -17,10 +17,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .parquet_sink import ParquetSink
-from .rawio import (DEFAULT_ROW_GROUP_SIZE, as_list, check_columns, describe_skips, file_format,
-                    iter_batches, iter_tables, merge_skips, open_parquet, string_columns)
+from .rawio import (
+    DEFAULT_ROW_GROUP_SIZE,
+    as_list,
+    check_columns,
+    describe_skips,
+    file_format,
+    iter_batches,
+    iter_tables,
+    merge_skips,
+    open_parquet,
+    string_columns,
+)
 
 # Unicode category Cc without tab and newline: invisible bytes that only confuse a tokenizer
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -330,7 +340,7 @@ def stats(input: str, tokenizer_dir: str | None = None, histogram_png: str | Non
     names = _text_columns(pf, input, columns)
     tokenizer = None
     if tokenizer_dir:
-        from ..tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(tokenizer_dir))
     nulls = dict.fromkeys(pf.schema_arrow.names, 0)
@@ -407,7 +417,7 @@ def train_tokenizer(input: str, output_dir: str, vocab_size: int = 8000, sample_
             seen += 1
     if not sample:
         raise UserError(f"'{input}' has no non-empty text to train a tokenizer on; check --columns")
-    from ..tokenizer import train_bpe_tokenizer
+    from .tokenizer import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(iter(sample), int(vocab_size), str(output_dir))
     summary = {"input": input, "output_dir": output_dir, "rows_with_text": seen, "rows_sampled": len(sample),

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from ..errors import UserError
+from ..run.errors import UserError
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 STRING_TYPES = ("string", "large_string", "string_view")

@@ -6,13 +6,20 @@ Each epoch's sample list is a pure function of (sample_seed, epoch), so resume s
 """
 from __future__ import annotations
 
-from ..errors import UserError
-from ..template import build_messages, encode_prompt
+from ..run.errors import UserError
 from .options import DataOptions
 from .stream import epoch_rng
+from .template import build_messages, encode_prompt
 from .user_prompts import fit_prompt
-from .usermodel import (build_history, describe_skips, format_summary, read_records, sample_per_user, split_train_val,
-                        summarize)
+from .usermodel import (
+    build_history,
+    describe_skips,
+    format_summary,
+    read_records,
+    sample_per_user,
+    split_train_val,
+    summarize,
+)
 
 
 class UserRecordSource:
@@ -60,7 +67,7 @@ def open_records(paths: list[str], options: DataOptions, tokenizer, is_encoder_d
                  log=print) -> UserRecordSource:
     """Records of one dataset as a sample source; for training with --val_ratio, `held_out` holds the validation part.
 
-    The record options' choices and ranges are checked with the config (lowmem/validate.py).
+    The record options' choices and ranges are checked with the config (lowmem/train/validate.py).
     """
     rec = options.records
     records, skips = [], {}

@@ -25,10 +25,10 @@ import os
 
 import numpy as np
 
-from ..errors import UserError
+from ..run.errors import UserError
+from .options import DataOptions
 from .stream import close_all
 from .tables import epoch_windows, window_order
-from .options import DataOptions
 from .token_file import _fingerprint, _read_index, split_prefix
 
 FORMAT_VERSION = 1
@@ -42,7 +42,7 @@ def tokenizer_hash(tokenizer_dir: str) -> str:
 
 
 def template_hash(tokenizer) -> str:
-    from ..template import ensure_chat_template
+    from .template import ensure_chat_template
 
     ensure_chat_template(tokenizer)
     return hashlib.sha256(str(tokenizer.chat_template).encode("utf-8")).hexdigest()

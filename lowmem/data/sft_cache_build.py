@@ -9,14 +9,14 @@ import os
 
 import numpy as np
 
-from ..errors import UserError
-from ..tokenizer import load_tokenizer
+from ..run.errors import UserError
 from .encoding import SampleEncoder, Skipped
 from .options import Columns, DataOptions
 from .sft_cache import CACHE_KINDS, FORMAT_VERSION, ROW, cache_files, template_hash, tokenizer_hash
 from .sources import open_dataset, parse_data_arg
 from .tables import ShardTable
 from .token_file import _read_index, _write_index, in_order_pool, split_prefix, token_dtype
+from .tokenizer import load_tokenizer
 
 _WORKER: dict = {}
 
@@ -33,7 +33,9 @@ def _encode_unit(u: int) -> tuple[list, list, list]:
     """(ids per row or None, label masks, status text per row) of one unit."""
     rows = _WORKER["table"].unit_rows(u)
     readable = [i for i, row in enumerate(rows) if "_skip" not in row]
-    results = iter(_WORKER["encoder"].encode_many([rows[i] for i in readable], readable))
+    table, encoder = _WORKER["table"], _WORKER["encoder"]
+    where = [table.locate(int(table.unit_first[u]) + i) for i in readable] if encoder.strict else readable
+    results = iter(encoder.encode_many([rows[i] for i in readable], where))
     ids, masks, status = [], [], []
     for row in rows:
         result = None if "_skip" in row else next(results)

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .options import Columns, DataOptions
 
 PRETRAIN_KINDS = ("text", "tokens")

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .tables import epoch_rng
 
 __all__ = ["Shard", "TokenWindows", "close_all", "epoch_rng", "iter_shard"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..run.errors import UserError
 
 BLOCK_LINES = 10_000  # jsonl lines per unit: the jsonl counterpart of a parquet row group
 CONVERT_ROWS = 1024  # rows turned into Python objects at a time
@@ -119,6 +119,9 @@ class ShardTable:
             self.units.extend(units)
         self.num_samples = sum(u.rows for u in self.units)
         self.unit_first = np.cumsum([0] + [u.rows for u in self.units[:-1]])  # a unit's first row in file order
+        self.shard_first = {}  # a file's first row in the dataset's order
+        for unit, first in zip(self.units, self.unit_first):
+            self.shard_first.setdefault(unit.shard, int(first))
         if self.num_samples == 0:
             listed = ", ".join(f"'{p}'" for p in self.paths[:3]) + (" ..." if len(self.paths) > 3 else "")
             raise UserError(f"data file {listed} is empty (no rows); point --train_file/--validation_file at data")
@@ -189,6 +192,12 @@ class ShardTable:
             for row, number in zip(converted[chunk], numbers[chunk * CONVERT_ROWS:]):
                 row["_row"] = int(number)
         return converted[chunk][offset % CONVERT_ROWS]
+
+    def locate(self, row: int) -> str:
+        """Where the dataset's row `row` (file order, as `_row` counts) is: "'<file>' row <n>", n from 0 in that
+        file (a jsonl file's rows are its non-blank lines)."""
+        unit = self.units[int(np.searchsorted(self.unit_first, row, side="right")) - 1]
+        return f"'{self.paths[unit.shard]}' row {row - self.shard_first[unit.shard]}"
 
     # ---------------------------------------------------------------- reading
 

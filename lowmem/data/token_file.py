@@ -27,7 +27,7 @@ from collections import deque
 
 import numpy as np
 
-from ..errors import UserError
+from ..run.errors import UserError
 from .rawio import describe_skips, file_format, iter_batches, merge_skips
 
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ def _load_encoder(tokenizer_dir: str):
         backend = Tokenizer.from_file(path)
         backend.encode_special_tokens = True
         return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    from ..tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     slow = load_tokenizer(tokenizer_dir)
     return lambda texts: slow(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -195,7 +195,7 @@ def tokenize_to_bin(input: str, output_prefix: str, tokenizer_dir: str, text_col
     chunk_rows: source rows per chunk, the unit of work and of resume; part of the settings, so
     changing it (or the source, tokenizer, column) starts the file over.
     """
-    from ..tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     fmt = file_format(input)
     chunk_rows = int(chunk_rows)

@@ -43,7 +43,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
-from ..errors import UserError
+from ..run.errors import UserError
 
 SPLIT_MODES = ("user", "latest_item")
 FIELDS = ("user_id", "target", "profile", "history", "context", "timestamp", "item_id")

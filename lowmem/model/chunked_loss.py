@@ -1,0 +1,96 @@
+"""Output projection + cross-entropy in chunks of tokens: the [tokens x vocabulary] logits never exist whole.
+
+For large vocabularies the logits, their fp32 copy and the log-softmax are the largest activations
+(a 150k vocabulary at 16k tokens per micro-batch: ~23 GiB). The forward here computes, chunk by
+chunk, the logits, the loss and at once the gradients for the hidden states and the output weight,
+and keeps only those gradients (the hidden states' size and the weight's size), as liger-kernel's
+fused kernel does, in plain PyTorch on any device. `--chunked_cross_entropy=True` switches it on for
+Llama and Qwen2 models (the shapes whose head is a plain linear layer).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..run.compat import replace_forward
+from ..run.errors import UserError
+
+IGNORE = -100
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(64, CHUNK_ELEMENTS // vocab_size)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed token loss of `hidden @ weight.T` against `labels`; gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows: int):
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, y = hidden[start:start + chunk_rows], labels[start:start + chunk_rows]
+            raw = h @ weight.t()  # a bf16 matmul under autocast, as the model's own head would run
+            compute_dtype, logits = raw.dtype, raw.float()
+            del raw
+            valid = y != IGNORE
+            target = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; reuses the logits' memory
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
+            grad_logits.mul_(valid[:, None])
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[start:start + chunk_rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_w = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_w, None, None
+
+
+# Run eagerly under torch.compile: the chunk loop's trip count depends on the token count, so a traced
+# loop pins the graph to one sequence length and every new width (padded or packed batches) recompiled
+# the whole model until the recompile limit. One graph break here costs little: the chunks are matmuls.
+@torch.compiler.disable
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             chunk_rows: int = 4096) -> torch.Tensor:
+    """Sum over tokens of cross_entropy(hidden @ weight.T, labels), ignoring labels == -100."""
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_rows)
+
+
+def enable(model, rows: int | None = None):
+    """Route the training loss of a Llama/Qwen2 causal LM through the chunked loss (evaluation is unchanged)."""
+    if type(model).__name__ not in SUPPORTED or getattr(model.lm_head, "bias", None) is not None:
+        raise UserError(f"--chunked_cross_entropy supports {', '.join(SUPPORTED)}; this model is "
+                        f"{type(model).__name__}: drop the flag")
+    full_forward = model.forward
+    rows = rows or chunk_rows(model.config.vocab_size)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                num_items_in_batch=None, **kwargs):
+        if labels is None or not self.training:
+            return full_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **kwargs).last_hidden_state
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position t predicts token t+1, as HF's loss
+        total = linear_cross_entropy_sum(hidden, self.lm_head.weight, shifted, rows)
+        items = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum()
+        return CausalLMOutputWithPast(loss=total / items)
+
+    replace_forward(model, forward)
+    return model
