@@ -72,7 +72,7 @@ class TrainConfig:
     model_type: Literal["llama", "qwen2", "t5"] = setting(
         "llama", "llama | qwen2 | t5 (a local model dir brings its own)", REFUSED)
     model_preset: str = setting("tiny", "one of config.MODEL_PRESETS", REFUSED)
-    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = setting(
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "flex_attention", "flash_attention_2", "eager"] = setting(
         "auto", "auto: flash-attn 2 if importable, flex_attention for packed rows on CUDA, else sdpa", APPLIED)
     disable_flash_attn: bool = setting(False, "force PyTorch SDPA even where flash-attn 2 is importable", APPLIED)
     dropout: float = setting(0.0, "attention dropout (T5: all dropout)", APPLIED, FRACTION)
@@ -82,14 +82,19 @@ class TrainConfig:
         "full", "full: blocks keep only their input | selective: keep matmul outputs", APPLIED)
     gradient_checkpointing_every: int = setting(
         1, "checkpoint 1 block in N (2: every other block keeps its activations)", APPLIED, AT_LEAST_1)
+    gradient_checkpointing_offload: bool = setting(
+        False, "what checkpointed blocks keep waits in pinned host memory (GPU; a no-op on CPU)", APPLIED)
+    tiled_mlp: bool = setting(
+        False, "each MLP runs over its tokens in shards (DeepSpeed TiledMLP): long sequences, dense models", APPLIED)
     torch_compile: bool = setting(False, "compile the model (first steps are slower while it compiles)", APPLIED)
     use_liger_kernel: bool = setting(
         False, "fused linear + cross-entropy etc. from liger-kernel when importable", APPLIED)
     router_aux_loss_coef: Optional[float] = setting(
         None, "MoE models: weight of the router's load-balancing loss (logged as aux_loss); None: the model's own "
         "(0.001 for Qwen3-MoE); 0: off", APPLIED, AT_LEAST_0)
-    chunked_cross_entropy: bool = setting(
-        False, "loss in chunks, never the whole logits (Llama/Qwen2; any device)", APPLIED)
+    chunked_cross_entropy: Literal["auto", True, False] = setting(
+        "auto", "loss in chunks, never the whole logits; auto: wherever it applies (Llama/Qwen2/Qwen3/Mistral heads, "
+        "not with liger, ZeRO-3, MoE or T5)", APPLIED)
     # --- data ---
     max_seq_len: int = setting(
         128, "tokens per sample (or per packed row); longer prompts lose their start", DATA,

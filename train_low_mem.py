@@ -3,6 +3,7 @@
     python train_low_mem.py train [--config=NAME|FILE] [--use_large_config=True] [--is_finetune=True]
                                   [--use_small_config=True] [--is_keep_training=True] [--<field>=<value> ...]
     python train_low_mem.py show_config [same flags]
+    python train_low_mem.py plan [same flags]
     python train_low_mem.py prepare {convert,clean,split,stats,train_tokenizer,tokenize} ...
     python train_low_mem.py {generate,chat,evaluate} --model_dir=...
 
@@ -37,13 +38,14 @@ from lowmem.train.validate import check_config  # noqa: E402
 COMMANDS = {
     "train": "train a model (pretraining or SFT); every TrainConfig field is a flag",
     "show_config": "print the resolved config as JSON (same flags as train); builds nothing",
+    "plan": "the memory plan and the longest --max_seq_len that fits this machine (same flags as train); no training",
     "prepare": "data tools: convert, clean, split, stats, train_tokenizer, tokenize, reference",
     "generate": "answer --prompt, or every prompt of --batch_file, with a trained model",
     "chat": "multi-turn chat with a trained model, on a terminal or over a pipe",
     "evaluate": "loss and perplexity of a model on a file (plus exact match and BLEU-4)",
     "check_checkpoint": "verify a checkpoint (or every checkpoint of a run dir) against its manifest's hashes",
 }
-CONFIG_COMMANDS = ("train", "show_config")  # their flags are TrainConfig fields, aliases included (and prepare reference's)
+CONFIG_COMMANDS = ("train", "show_config", "plan")  # their flags are TrainConfig fields, aliases included (and prepare reference's)
 TORCHAO_OPTIMIZERS = ("adamw_8bit", "adamw_4bit")
 REFERENCE = "reference"  # `prepare reference` takes the flags of `train`
 
@@ -89,6 +91,20 @@ def show_config(**kwargs):
         print(config_help("show_config"))
         return
     print(json.dumps(dataclasses.asdict(resolve_config(kwargs)), indent=1, ensure_ascii=False))
+
+
+def plan(**kwargs):
+    """Print the memory plan and the longest --max_seq_len that fits (same flags as train), without training."""
+    if "help" in kwargs or "h" in kwargs:
+        print(config_help("plan"))
+        return
+    cfg = resolve_config(kwargs)
+    import_models_quietly()
+    if not asks_for_deepspeed(cfg):
+        import_deepspeed_quietly()
+    from lowmem.train.plan import plan_report
+
+    print(plan_report(cfg))
 
 
 def prepare_reference(**kwargs):
@@ -155,6 +171,8 @@ def _commands(command: str, tool: str | None = None) -> dict:
         return {"prepare": {REFERENCE: prepare_reference}}
     if command == "show_config":
         return {"show_config": show_config}
+    if command == "plan":
+        return {"plan": plan}
     if command == "check_checkpoint":
         return {"check_checkpoint": check_checkpoint}
     if command == "prepare":

@@ -55,6 +55,7 @@ def _spans(row: int) -> list[slice]:
 def _model(attn: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    attention.register_varlen()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -70,7 +71,7 @@ def _logits(attn: str, batches: list[dict]) -> list[torch.Tensor]:
 def _forward_backends() -> list[str]:
     from transformers.utils import is_torch_flex_attn_available
 
-    return ["sdpa", "eager"] + (["flex_attention"] if is_torch_flex_attn_available() else [])
+    return ["sdpa", "sdpa_varlen", "eager"] + (["flex_attention"] if is_torch_flex_attn_available() else [])
 
 
 CPU_FORWARD_BACKENDS = _forward_backends()
@@ -124,6 +125,27 @@ def _device_unusable(device: str) -> str | None:
     return f"FlexAttention cannot train on {device}: {problem}" if problem else None
 
 
+def test_sdpa_per_document_matches_the_dense_mask_without_building_it(monkeypatch):
+    """sdpa_varlen equals SDPA with transformers' block-diagonal mask (loss and every gradient) on packed rows, never
+    asks for a [tokens x tokens] mask there, and is plain SDPA on padded rows."""
+    from transformers import masking_utils
+
+    loss_dense, grads_dense = _loss_and_grads("sdpa", "cpu")
+    built = []
+    original = masking_utils.sdpa_mask
+    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda *a, **k: built.append(1) or original(*a, **k))
+    loss_varlen, grads_varlen = _loss_and_grads("sdpa_varlen", "cpu")
+    assert not built
+    assert loss_varlen == pytest.approx(loss_dense, rel=1e-5)
+    torch.testing.assert_close(grads_varlen, grads_dense, rtol=0, atol=1e-5 * grads_dense.abs().max().item())
+    padded = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    with torch.no_grad():
+        same = [_model(attn).eval()(**padded, use_cache=False).logits for attn in ("sdpa", "sdpa_varlen")]
+    torch.testing.assert_close(same[0][0], same[1][0])
+    torch.testing.assert_close(same[0][1, :2], same[1][1, :2])
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["cpu", "gpu"])
 def test_flex_attention_matches_sdpa_loss_and_gradients(device):
     reason = _device_unusable(device)
@@ -155,7 +177,7 @@ def _cfg(**values) -> TrainConfig:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answers")
 def test_cpu_choices():
     assert attention_backend(_cfg()) == "sdpa"
-    assert attention_backend(_cfg(packing=True)) == "sdpa"  # FlexAttention has no CPU backward to train with
+    assert attention_backend(_cfg(packing=True)) == "sdpa_varlen"  # FlexAttention has no CPU backward to train with
     assert attention_backend(_cfg(attn_implementation="eager", packing=True)) == "eager"
     assert attention_backend(_cfg(attn_implementation="sdpa")) == "sdpa"
     with pytest.raises(UserError, match="flash-attn"):
@@ -184,12 +206,12 @@ def test_auto_decision_on_cuda(monkeypatch):
     monkeypatch.setattr(attention, "flex_attention_problem", lambda device: None if offers["flex"] else "no flex")
     assert attention_backend(_cfg(packing=True)) == "flex_attention"
     assert attention_backend(_cfg(packing=False)) == "sdpa"
-    assert attention_backend(_cfg(packing=True, dropout=0.1)) == "sdpa"  # flex has no dropout
+    assert attention_backend(_cfg(packing=True, dropout=0.1)) == "sdpa_varlen"  # flex has no dropout
     offers["flex"] = False
-    assert attention_backend(_cfg(packing=True)) == "sdpa"
+    assert attention_backend(_cfg(packing=True)) == "sdpa_varlen"
     offers["flash"] = True
     assert attention_backend(_cfg(packing=True)) == "flash_attention_2"
-    assert attention_backend(_cfg(packing=True, disable_flash_attn=True)) == "sdpa"
+    assert attention_backend(_cfg(packing=True, disable_flash_attn=True)) == "sdpa_varlen"
     offers["flex"] = True
     assert attention_backend(_cfg(packing=True, disable_flash_attn=True)) == "flex_attention"
     assert attention_backend(_cfg(attn_implementation="flash_attention_2")) == "flash_attention_2"

@@ -268,7 +268,7 @@ def test_long_conversations_lose_whole_oldest_exchanges(toks, name):
         encoded = SampleEncoder(tokenizer, max_len)({"messages": messages})
         alone = whole({"messages": kept(exchanges)})
         assert torch.equal(encoded.input_ids, alone.input_ids) and torch.equal(encoded.labels, alone.labels)
-        assert encoded.notes == ("dropped_turns",)
+        assert encoded.notes == ("dropped_turns",) + ("dropped_exchanges",) * (6 - exchanges)  # counted, not said
         runs = labelled_runs(tokenizer, encoded)
         assert len(runs) == exchanges and runs[-1].startswith(f"{BEFORE.get(name, '')}A6 ")
     assert SampleEncoder(tokenizer, lengths[1] - 1)({"messages": messages}) == Skipped("conversation_too_long")

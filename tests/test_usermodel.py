@@ -169,9 +169,11 @@ def test_history_truncation_drops_oldest_first():
     newest3 = prompt_sections(record, "history_only", max_history_items=3)["history"]
     assert newest3 == ["1. old 2", "2. old 3", "3. old 4"]
     assert prompt_sections(record, "history_only", history_limit=1)["history"] == ["1. old 4"]
-    fitted = fit_prompt(record, "all", "simple", fits=lambda p: p.count("old ") <= 2)
-    assert "old 3" in fitted and "old 4" in fitted and "old 2" not in fitted
-    assert "(none)" in fit_prompt(record, "all", "simple", fits=lambda p: False)
+    fitted, dropped = fit_prompt(record, "all", "simple", fits=lambda p: p.count("old ") <= 2)
+    assert "old 3" in fitted and "old 4" in fitted and "old 2" not in fitted and dropped == len(record.history) - 2
+    assert fit_prompt(record, "all", "simple", fits=lambda p: True)[1] == 0
+    empty, dropped = fit_prompt(record, "all", "simple", fits=lambda p: False)
+    assert "(none)" in empty and dropped == len(record.history)
     pairs = list(to_prompt_response([record], "context_only"))
     assert pairs == [(build_prompt(record, "context_only"), "see you")]
 

@@ -43,6 +43,8 @@ def _convert_choice(name: str, value, choices: tuple):
         same_text = not isinstance(value, bool) and not isinstance(choice, bool) and str(value) == str(choice)
         if value == choice or same_text:  # Fire hands `--x=2` as a number and `--x=two` as text
             return choice
+        if isinstance(choice, bool) and isinstance(value, str) and value.strip().lower() in (_TRUE if choice else _FALSE):
+            return choice  # `--x=true` for a choice of auto|True|False, as a plain bool flag takes it
     raise choice_error(name, value, choices)
 
 

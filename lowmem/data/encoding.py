@@ -322,7 +322,7 @@ class SampleEncoder:
                 return self._plan_chat(whole, drop, state)
             if state.best is None:
                 return Skipped("conversation_too_long")
-            state.best.notes += ("dropped_turns",)
+            state.best.notes += ("dropped_turns",) + ("dropped_exchanges",) * state.fits  # conversations, exchanges
             return state.best
 
         return _Job([piece for piece, _ in pieces], False, finish)

@@ -58,9 +58,10 @@ class UserRecordSource:
         record = chosen[order[index]]
         response_len = len(self.tokenizer(record.target, add_special_tokens=False)["input_ids"]) + 2
         rec = self.options.records
-        prompt = fit_prompt(record, rec.ablation_config, rec.prompt_style, self._fits(response_len),
-                            rec.max_history_items)
-        return {"prompt": prompt, "response": record.target}
+        prompt, dropped = fit_prompt(record, rec.ablation_config, rec.prompt_style, self._fits(response_len),
+                                     rec.max_history_items)
+        notes = {"history_cut": 1, "history_items_dropped": dropped} if dropped else {}
+        return {"prompt": prompt, "response": record.target, "_notes": notes}
 
 
 def open_records(paths: list[str], options: DataOptions, tokenizer, is_encoder_decoder: bool, shuffle: bool = True,

@@ -62,24 +62,27 @@ def build_prompt(record: Record, ablation_config: str, prompt_style: str = "simp
 
 
 def fit_prompt(record: Record, ablation_config: str, prompt_style: str, fits: Callable[[str], bool],
-               max_history_items: int | None = None) -> str:
-    """The prompt with the most newest history items for which fits(prompt) holds, dropping oldest first.
+               max_history_items: int | None = None) -> tuple[str, int]:
+    """(the prompt with the most newest history items for which fits(prompt) holds, how many older items it left
+    out), dropping oldest first.
 
     fits is the caller's length test (e.g. token count <= budget). If even no history fits, the prompt
     without history items is returned and the caller truncates or skips it.
     """
     full = build_prompt(record, ablation_config, prompt_style, max_history_items)
     if fits(full) or "history" not in ABLATION_SECTIONS[ablation_config]:
-        return full
-    lo, hi, best = 0, len(_newest(record.history or [], max_history_items)) - 1, None
+        return full, 0
+    shown = len(_newest(record.history or [], max_history_items))
+    lo, hi, best = 0, shown - 1, None
     while lo <= hi:  # fewer items is never longer, so binary search on the number kept
         mid = (lo + hi) // 2
         prompt = build_prompt(record, ablation_config, prompt_style, max_history_items, history_limit=mid)
         if fits(prompt):
-            best, lo = prompt, mid + 1
+            best, lo = (prompt, shown - mid), mid + 1
         else:
             hi = mid - 1
-    return best if best is not None else build_prompt(record, ablation_config, prompt_style, max_history_items, 0)
+    return best if best is not None else (build_prompt(record, ablation_config, prompt_style, max_history_items, 0),
+                                          shown)
 
 
 def to_prompt_response(records: Iterable[Record], ablation_config: str, prompt_style: str = "simple",

@@ -1,9 +1,11 @@
 """Which attention kernel a decoder trains with: `--attn_implementation`, or a choice made for the run.
 
 auto: flash-attn 2 when it is importable on CUDA (and not --disable_flash_attn); else, for packed rows on
-CUDA, FlexAttention with a document mask (only the blocks inside each sample are computed); else PyTorch
-SDPA, to which transformers hands a dense block-diagonal mask built from the restarting position ids of
-packed rows. An explicit choice that cannot run here is a UserError, not a crash in the first step.
+CUDA, FlexAttention with a document mask (only the blocks inside each sample are computed); else, for packed
+rows, `sdpa_varlen`: PyTorch SDPA run on each document of a row, causal inside it; else PyTorch SDPA. Plain
+`sdpa` on packed rows gets a dense [tokens x tokens] block-diagonal mask from transformers (64 MiB at 8k
+tokens, 1 GiB at 32k), which also keeps its kernel from skipping the masked blocks: 4 documents of 2048 took
+longer than one of 8192. An explicit choice that cannot run here is a UserError, not a crash in the first step.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 
 from ..run.errors import UserError
 
-CHOICES = ("auto", "sdpa", "flex_attention", "flash_attention_2", "eager")
+CHOICES = ("auto", "sdpa", "sdpa_varlen", "flex_attention", "flash_attention_2", "eager")
+VARLEN = "sdpa_varlen"
 
 
 def attention_backend(cfg) -> str:
@@ -30,6 +33,8 @@ def attention_backend(cfg) -> str:
         _check_flash_attn(cfg, cuda)
     if choice == "flex_attention":
         _check_flex(cfg, "cuda" if cuda else "cpu")
+    if choice == VARLEN:
+        register_varlen()
     return choice
 
 
@@ -39,6 +44,9 @@ def _automatic(cfg, cuda: bool) -> str:
     # FlexAttention has no dropout; with dropout the dense-mask SDPA path keeps the run going
     if cuda and cfg.packing and not cfg.dropout and flex_attention_problem("cuda") is None:
         return "flex_attention"
+    if cfg.packing:
+        register_varlen()
+        return VARLEN
     return "sdpa"
 
 
@@ -83,3 +91,65 @@ def flex_attention_problem(device: str) -> str | None:
     except (NotImplementedError, RuntimeError) as exc:
         return f"{str(exc).splitlines()[0].split('. ')[0].rstrip('.')} (torch {torch.__version__})"
     return None
+
+
+# ------------------------------------------------------------------ SDPA per packed document
+def _document_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """[start, end) of each document of each row, where positions restart; None when every row is one document."""
+    restart = torch.ones_like(position_ids, dtype=torch.bool)
+    restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if int(restart.sum()) == position_ids.shape[0]:
+        return None
+    width = position_ids.shape[1]
+    bounds = []
+    for row in restart:
+        starts = torch.nonzero(row).flatten().tolist()
+        bounds.append(list(zip(starts, starts[1:] + [width])))
+    return bounds
+
+
+_BOUNDS: list = [None, None]  # (position_ids, bounds) of the last call: every layer of a forward shares them
+
+
+def _bounds_of(position_ids: torch.Tensor):
+    if _BOUNDS[0] is not position_ids:
+        _BOUNDS[:] = [position_ids, _document_bounds(position_ids)]
+    return _BOUNDS[1]
+
+
+def sdpa_varlen_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """transformers' SDPA attention, run on each packed document of a row (causal inside it) instead of once with a
+    [tokens x tokens] mask. Anything else (padding masks, a KV cache, one document per row) is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    whole = attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2]
+    bounds = _bounds_of(position_ids.expand(query.shape[0], -1)) if whole else None
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for b, documents in enumerate(bounds):
+        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                        None, **{**kwargs, "is_causal": True})[0] for s, e in documents]
+        rows.append(torch.cat(parts, dim=1))  # [1, tokens, heads, head_dim]
+    return torch.cat(rows, dim=0), None
+
+
+def _varlen_mask(*args, attention_mask=None, q_length: int = 0, kv_length: int = 0, q_offset: int = 0,
+                 kv_offset: int = 0, **kwargs):
+    """No mask where sdpa_varlen splits the rows itself (training rows without padding); SDPA's mask elsewhere."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def register_varlen() -> None:
+    """Make `sdpa_varlen` a name transformers knows (its attention and its mask), once per process."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, sdpa_varlen_forward)
+    AttentionMaskInterface.register(VARLEN, _varlen_mask)

@@ -9,7 +9,7 @@ import torch
 from config import MODEL_PRESETS, TrainConfig
 
 from ..run.errors import UserError
-from . import adapters, chunked_loss, recompute
+from . import adapters, chunked_loss, offload, recompute, tiling
 from .attention import attention_backend
 
 MODEL_TYPES = ("llama", "qwen2", "t5")
@@ -87,7 +87,7 @@ def _check_attention_applies(cfg: TrainConfig, is_encoder_decoder: bool) -> None
                         "T5 uses its own attention: drop the flag")
 
 
-def apply_training_options(model, cfg: TrainConfig, log=print):
+def apply_training_options(model, cfg: TrainConfig, log=print, zero3: bool = False):
     """Memory and speed options that change how the model runs, not what it computes; then LoRA when asked."""
     if cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
@@ -95,12 +95,12 @@ def apply_training_options(model, cfg: TrainConfig, log=print):
         if not model.config.is_encoder_decoder:
             raise UserError("--freeze_encoder applies to encoder-decoder models (T5); use --freeze_embeddings instead")
         model.get_encoder().requires_grad_(False)
+    if cfg.tiled_mlp:
+        tiling.tile_mlps(model)  # before LoRA wraps the MLPs' linear layers
     if cfg.gradient_checkpointing:
-        recompute.enable(model, cfg.gradient_checkpointing_mode, cfg.gradient_checkpointing_every)
-    if cfg.chunked_cross_entropy:
-        if cfg.use_liger_kernel:
-            raise UserError("--chunked_cross_entropy and --use_liger_kernel both replace the loss; pick one "
-                            "(liger's is a fused GPU kernel, the chunked one runs anywhere)")
+        moved_by_transformers = offload.choose(cfg) == "transformers"
+        recompute.enable(model, cfg.gradient_checkpointing_mode, cfg.gradient_checkpointing_every, moved_by_transformers)
+    if chunked_loss.wanted(model.config, cfg, zero3):
         chunked_loss.enable(model)
     if cfg.use_liger_kernel:
         if cfg.torch_compile:

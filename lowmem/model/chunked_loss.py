@@ -4,8 +4,10 @@ For large vocabularies the logits, their fp32 copy and the log-softmax are the l
 (a 150k vocabulary at 16k tokens per micro-batch: ~23 GiB). The forward here computes, chunk by
 chunk, the logits, the loss and at once the gradients for the hidden states and the output weight,
 and keeps only those gradients (the hidden states' size and the weight's size), as liger-kernel's
-fused kernel does, in plain PyTorch on any device. `--chunked_cross_entropy=True` switches it on for
-Llama and Qwen2 models (the shapes whose head is a plain linear layer).
+fused kernel does, in plain PyTorch on any device. It is on by default (`--chunked_cross_entropy=auto`) for
+dense Llama, Qwen2, Qwen3 and Mistral models (the shapes whose head is a plain linear layer), unless liger's
+fused loss replaces it, ZeRO-3 shards the head's weight, or the model routes experts (their router logits come
+from the full forward); `True` asks for it and refuses what it cannot do.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from ..run.compat import replace_forward
 from ..run.errors import UserError
 
 IGNORE = -100
-SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")  # model_type of the causal LMs whose head is a plain linear layer
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, whatever the vocabulary
 
 
@@ -70,11 +72,34 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_rows)
 
 
+def why_not(hf_config, liger: bool = False, zero3: bool = False) -> str | None:
+    """Why the chunked loss cannot serve this model and run, or None where it can."""
+    if liger:
+        return "liger's fused loss replaces it"
+    if zero3:
+        return "ZeRO-3 shards the output weight it reads"
+    if getattr(hf_config, "model_type", None) not in SUPPORTED:
+        return (f"it supports the heads of {', '.join(SUPPORTED)} models; this one is "
+                f"{getattr(hf_config, 'model_type', type(hf_config).__name__)}")
+    return None
+
+
+def wanted(hf_config, cfg, zero3: bool = False) -> bool:
+    """Whether this run computes its loss in chunks: auto where it applies; True where it applies, else refused."""
+    if cfg.chunked_cross_entropy is False:
+        return False
+    reason = why_not(hf_config, cfg.use_liger_kernel, zero3)
+    if reason and cfg.chunked_cross_entropy is True:
+        raise UserError(f"--chunked_cross_entropy=True cannot run here: {reason}; drop the flag (auto turns it on "
+                        "wherever it applies)")
+    return reason is None
+
+
 def enable(model, rows: int | None = None):
-    """Route the training loss of a Llama/Qwen2 causal LM through the chunked loss (evaluation is unchanged)."""
-    if type(model).__name__ not in SUPPORTED or getattr(model.lm_head, "bias", None) is not None:
-        raise UserError(f"--chunked_cross_entropy supports {', '.join(SUPPORTED)}; this model is "
-                        f"{type(model).__name__}: drop the flag")
+    """Route the training loss of a supported causal LM through the chunked loss (evaluation is unchanged)."""
+    reason = why_not(model.config)
+    if reason or getattr(model.lm_head, "bias", None) is not None:
+        raise UserError(f"--chunked_cross_entropy: {reason or 'the output layer has a bias'}; drop the flag")
     full_forward = model.forward
     rows = rows or chunk_rows(model.config.vocab_size)
 

@@ -42,8 +42,9 @@ def check_options(enabled: bool, mode: str, every: int) -> None:
                         "--gradient_checkpointing=True; add it or drop them")
 
 
-def enable(model, mode: str = "full", every: int = 1) -> int:
-    """Turn checkpointing on for one decoder block in `every`; returns how many blocks recompute."""
+def enable(model, mode: str = "full", every: int = 1, offload: bool = False) -> int:
+    """Turn checkpointing on for one decoder block in `every`; returns how many blocks recompute. `offload`:
+    transformers keeps what a checkpointed block saves in pinned host memory (model/offload.py)."""
     check_options(True, mode, every)
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient_checkpointing")
@@ -53,7 +54,10 @@ def enable(model, mode: str = "full", every: int = 1) -> int:
     # activation_checkpointing_enable replaced gradient_checkpointing_enable in transformers 5.2x
     turn_on = getattr(model, "activation_checkpointing_enable", None)
     if turn_on is not None:
-        turn_on(activation_checkpointing_kwargs=kwargs)
+        turn_on(activation_checkpointing_kwargs=kwargs, **({"offload": True} if offload else {}))
+    elif offload:
+        raise UserError("transformers older than 5.2x has no checkpoint offload of its own; `pip install deepspeed` "
+                        "for --gradient_checkpointing_offload, or drop it")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     blocks = checkpointable_blocks(model)

@@ -108,7 +108,7 @@ def train_step(s: Session, window: list[Batch], global_tokens: int, report: Trai
     scale = torch.tensor(max(global_tokens, 1) / (ga * world), device=acc.device)
     set_accumulation_position(acc, ga - len(window))  # the window's last micro-batch syncs, even a short one
     for batch in window:
-        with acc.accumulate(s.model):
+        with acc.accumulate(s.model), s.micro_batch():
             loss, parts = s.objective(s.model, batch.on(acc.device, non_blocking=True), scale)
             acc.backward(loss)
             report.accumulate(parts, ga * world)

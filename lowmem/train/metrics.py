@@ -15,8 +15,19 @@ import torch
 from ..run.errors import is_disk_full, log_dir_full
 
 
+def host_rss_bytes() -> float:
+    return float(psutil.Process().memory_info().rss)
+
+
 def host_rss_gb() -> float:
-    return psutil.Process().memory_info().rss / 2**30
+    return host_rss_bytes() / 2**30
+
+
+def host_peak_rss_gb() -> float:
+    """The process's peak resident memory so far (what the memory plan predicts on a CPU)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def gpu_memory_gb() -> dict[str, float]:
@@ -175,10 +186,7 @@ def peak_memory_line(step: int) -> str:
     """Peak GPU memory, or peak host RSS on CPU, so far."""
     if torch.cuda.is_available():
         return f"peak GPU memory after step {step}: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return f"peak host memory (RSS) after step {step}: {peak:.2f} GiB"
+    return f"peak host memory (RSS) after step {step}: {host_peak_rss_gb():.2f} GiB"
 
 
 class Meter:
@@ -203,7 +211,8 @@ class Meter:
         record = {"epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_sec": tokens_per_sec, "samples_per_sec": self.samples / elapsed,
                   "real_token_fraction": self.real / max(self.total, 1), "tokens_seen": state.tokens_seen,
-                  "nonfinite_total": state.nonfinite_total, "host_rss_gb": host_rss_gb(), **gpu_memory_gb()}
+                  "nonfinite_total": state.nonfinite_total, "host_rss_gb": host_rss_gb(),
+                  "host_peak_rss_gb": host_peak_rss_gb(), **gpu_memory_gb()}
         if torch.cuda.is_available():
             record["mfu"] = tokens_per_sec * self.flop_per_token / (peak_flops() * self.world)
         self.reset()

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,13 +28,15 @@ from ..data.tokenizer import load_tokenizer
 from ..fields import PREFERENCE, RECORDS, rules
 from ..model.adapters import uses_lora
 from ..model.build import apply_training_options, build_model
+from ..model import offload
 from ..model.moe import mark_zero3_leaves
 from ..run.errors import UserError
+from ..run.host_memory import return_freed_tensors_to_the_os
 from ..run.runtime import HostChannel, build_accelerator, quiet_known_warnings
 from .autobatch import cuda_probe, largest_fitting, limit_gpu_memory, split_global_batch
 from .ema import EMA
 from .memory_plan import STATE_BYTES
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, host_rss_bytes
 from .objective import TokenLoss
 from .optim import allow_optimizer_state_types, build_optimizer, build_scheduler
 from .ownership import RunLock, check_log_dir, claim_log_dir, exit_with_launcher, refuse_or_clear_existing
@@ -64,6 +67,8 @@ class Session:
     is_encoder_decoder: bool
     channel: HostChannel
     lock: RunLock
+    micro_batch: object = contextlib.nullcontext  # what each micro-batch's forward and backward run in (offload)
+    host_baseline: float = 0.0  # bytes this process held before the model was built (the memory plan's "process")
 
     def log(self, text: str) -> None:
         """A line above the progress bar, from the main process only."""
@@ -136,6 +141,7 @@ def check_flags_apply(cfg: TrainConfig, kinds: set[str]) -> None:
 
 def start_session(cfg: TrainConfig) -> Session:
     check_config(cfg)
+    return_freed_tensors_to_the_os()  # before the model and data allocate anything
     quiet_known_warnings()
     made = ensure_demo_assets(cfg.train_file, cfg.tokenizer_dir)  # before the inputs are checked: they are inputs
     inputs = check_inputs(cfg)  # all of them at once, before the launcher's noise and before anything is written
@@ -176,10 +182,11 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
         plan = channel.on_main(accelerator.is_main_process, lambda: plan_resume(cfg, prints, log))
         if plan is None:
             log(f"no checkpoint in {cfg.checkpoint_dir()} yet; starting from step 0")
+    baseline = host_rss_bytes()
     built = _build(cfg, accelerator, tokenizer)
     objective = TokenLoss(built, bool(built.config.is_encoder_decoder), cfg.router_aux_loss_coef)
     routed = objective.moe is not None
-    model = apply_training_options(built, cfg, log)  # LoRA too (lowmem/model/adapters.py)
+    model = apply_training_options(built, cfg, log, _zero_stage(accelerator) == 3)  # LoRA too (model/adapters.py)
     is_enc_dec = bool(model.config.is_encoder_decoder)
     budget = limit_gpu_memory(cfg.max_gpu_memory_gb)
     if cfg.auto_batch_size:
@@ -224,9 +231,12 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
         claim_log_dir(cfg)
     accelerator.init_trackers(os.path.basename(cfg.logging_dir()))
     metrics = MetricsWriter(accelerator, cfg.logging_dir(), resumed_step, dataclasses.asdict(cfg))
+    moving = offload.choose(cfg)
     session = Session(cfg, accelerator, tokenizer, model, data, optimizer, scheduler, checkpoints, metrics, ema, state,
-                      run_state, objective, total_steps, steps_per_epoch, resumed_step, is_enc_dec, channel, lock)
+                      run_state, objective, total_steps, steps_per_epoch, resumed_step, is_enc_dec, channel, lock,
+                      offload.micro_batch_context(moving), baseline)
     notes = [f"ZeRO-3 gathers each MoE block ({', '.join(leaves)}) as one leaf"] if leaves else []
+    notes += [offload.describe(moving)] if moving != "off" else []
     session.log(start_summary(session, config_warnings(cfg), notes))
     if plan is not None and plan.changed:
         metrics.log({"changed_on_resume": {k: [a, b] for k, (a, b) in plan.changed.items()}}, state.step)
@@ -249,6 +259,7 @@ def prepare_reference_caches(cfg: TrainConfig) -> dict:
     """`prepare reference`: the reference caches a preference run with these settings uses, computed now by every
     process of the launch (the starting model, before any step); nothing else is written."""
     check_config(cfg)
+    return_freed_tensors_to_the_os()
     quiet_known_warnings()
     ensure_demo_assets(cfg.train_file, cfg.tokenizer_dir)
     inputs = check_inputs(cfg)

@@ -50,12 +50,20 @@ def _count(n: float) -> str:
 
 
 def _reference_cost(s) -> tuple:
-    """(how a preference run's reference is held, its bytes) for the memory plan; () for other runs."""
+    """(how a preference run's reference is held, its bytes) for the memory plan; (None, 0) for other runs."""
     reference = getattr(s.objective, "reference", None)
     if reference is None:
-        return ()
+        return None, 0.0
     held = {"cache": "from the cache", "adapters_off": "adapters off", "model": "a frozen copy", "none": "none"}
     return held[reference.kind], parameter_bytes(reference.copy) if reference.copy is not None else 0.0
+
+
+def _where(s) -> dict:
+    """The device the plan is for, what the process held before the model (on a CPU), and the attention kernel."""
+    device = s.accelerator.device.type
+    model = s.accelerator.unwrap_model(s.model)
+    return {"device": device, "runtime": s.host_baseline if device == "cpu" else 0.0,
+            "attention": getattr(model.config, "_attn_implementation", None)}
 
 
 def start_summary(s, warnings: list[str], notes: list[str] = ()) -> str:
@@ -70,5 +78,5 @@ def start_summary(s, warnings: list[str], notes: list[str] = ()) -> str:
             f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
             f"{cfg.max_seq_len} tokens | {run_length(cfg, s.total_steps, s.steps_per_epoch)} | optimizer "
             f"{cfg.optimizer} | logs: {cfg.logging_dir()}\n{s.data.describe()}\n"
-            f"{memory_plan(model, cfg, str(acc.mixed_precision), world, stage, offload, *_reference_cost(s))}"
+            f"{memory_plan(model, cfg, str(acc.mixed_precision), world, stage, offload, *_reference_cost(s), **_where(s))}"
             + "".join(f"\n{note}" for note in notes) + "".join(f"\nwarning: {w}" for w in warnings))

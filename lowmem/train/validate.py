@@ -50,9 +50,12 @@ def _check_gradient_checkpointing(cfg: TrainConfig) -> None:
 
 
 def _check_combinations(cfg: TrainConfig) -> None:
-    if cfg.chunked_cross_entropy and cfg.use_liger_kernel:
+    if cfg.chunked_cross_entropy is True and cfg.use_liger_kernel:
         raise UserError("--chunked_cross_entropy and --use_liger_kernel both replace the loss; pick one "
                         "(liger's is a fused GPU kernel, the chunked one runs anywhere)")
+    if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
+        raise UserError("--gradient_checkpointing_offload=True moves what checkpointed blocks keep; add "
+                        "--gradient_checkpointing=True or drop it")
     if cfg.use_liger_kernel and cfg.torch_compile:
         raise UserError("--use_liger_kernel and --torch_compile do not combine (dynamo cannot trace liger's fused "
                         "cross-entropy); pick one")
