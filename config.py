@@ -162,6 +162,9 @@ class TrainConfig:
     offload_optimizer: bool = setting(
         False, "ZeRO: optimizer states in host RAM (DeepSpeed CPU Adam); slower, less GPU memory", APPLIED)
     offload_param: bool = setting(False, "ZeRO-3: the weights in host RAM too", APPLIED)
+    sequence_parallel_size: int = setting(
+        1, "split each sequence over N processes (DeepSpeed Ulysses, with ZeRO); data parallel = processes / N",
+        APPLIED, AT_LEAST_1)
     # --- optimisation ---
     epochs: int = setting(
         2, "passes over the training data when --max_steps is 0 (alias: --max_epochs)", APPLIED, AT_LEAST_1)

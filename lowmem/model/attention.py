@@ -1,8 +1,8 @@
 """Which attention kernel a decoder trains with: `--attn_implementation`, or a choice made for the run.
 
 auto: flash-attn 2 when it is importable on CUDA (and not --disable_flash_attn); else, for packed rows on
-CUDA, FlexAttention with a document mask (only the blocks inside each sample are computed); else, for packed
-rows, `sdpa_varlen`: PyTorch SDPA run on each document of a row, causal inside it; else PyTorch SDPA. Plain
+CUDA (without sequence parallelism), FlexAttention with a document mask (only the blocks inside each sample are
+computed); else, for packed rows, `sdpa_varlen`: PyTorch SDPA run on each document of a row, causal inside it; else PyTorch SDPA. Plain
 `sdpa` on packed rows gets a dense [tokens x tokens] block-diagonal mask from transformers (64 MiB at 8k
 tokens, 1 GiB at 32k), which also keeps its kernel from skipping the masked blocks: 4 documents of 2048 took
 longer than one of 8192. An explicit choice that cannot run here is a UserError, not a crash in the first step.
@@ -34,19 +34,35 @@ def attention_backend(cfg) -> str:
     if choice == "flex_attention":
         _check_flex(cfg, "cuda" if cuda else "cpu")
     if choice == VARLEN:
-        register_varlen()
+        return _varlen_name(cfg)
     return choice
+
+
+def _varlen_name(cfg) -> str:
+    """The name transformers knows sdpa_varlen by: its own, or `sdpa` itself under sequence parallelism (accelerate
+    accepts only sdpa and flash-attn there; DeepSpeed then wraps whatever that name runs, here the per-document SDPA,
+    which is plain SDPA on anything but packed training rows)."""
+    if getattr(cfg, "sequence_parallel_size", 1) > 1:
+        register_varlen("sdpa")
+        return "sdpa"
+    register_varlen()
+    return VARLEN
+
+
+def is_varlen(name: str) -> bool:
+    """Whether `name` runs SDPA per packed document in this process."""
+    return name == VARLEN or name in _VARLEN_NAMES
 
 
 def _automatic(cfg, cuda: bool) -> str:
     if cuda and not cfg.disable_flash_attn and flash_attn_importable():
         return "flash_attention_2"
-    # FlexAttention has no dropout; with dropout the dense-mask SDPA path keeps the run going
-    if cuda and cfg.packing and not cfg.dropout and flex_attention_problem("cuda") is None:
+    # FlexAttention has no dropout; under sequence parallelism DeepSpeed rebuilds its mask as one causal block
+    sequence_parallel = getattr(cfg, "sequence_parallel_size", 1) > 1
+    if cuda and cfg.packing and not cfg.dropout and not sequence_parallel and flex_attention_problem("cuda") is None:
         return "flex_attention"
     if cfg.packing:
-        register_varlen()
-        return VARLEN
+        return _varlen_name(cfg)
     return "sdpa"
 
 
@@ -145,11 +161,15 @@ def _varlen_mask(*args, attention_mask=None, q_length: int = 0, kv_length: int =
                      q_offset=q_offset, kv_offset=kv_offset, **kwargs)
 
 
+_VARLEN_NAMES: set[str] = set()
+
+
 @functools.lru_cache(maxsize=None)
-def register_varlen() -> None:
-    """Make `sdpa_varlen` a name transformers knows (its attention and its mask), once per process."""
+def register_varlen(name: str = VARLEN) -> None:
+    """Make `name` run sdpa_varlen in transformers (its attention and its mask), once per process."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN, sdpa_varlen_forward)
-    AttentionMaskInterface.register(VARLEN, _varlen_mask)
+    AttentionInterface.register(name, sdpa_varlen_forward)
+    AttentionMaskInterface.register(name, _varlen_mask)
+    _VARLEN_NAMES.add(name)

@@ -42,6 +42,22 @@ def special_ids_for_config(special_ids: dict) -> dict:
     return {"pad_token_id": special_ids["pad"], "eos_token_id": special_ids["eos"], "bos_token_id": special_ids.get("bos")}
 
 
+def model_config(cfg: TrainConfig, tokenizer):
+    """The Hugging Face config of the model this run trains (a preset's, or a local directory's; an adapter
+    directory's base), read without building anything."""
+    from transformers import AutoConfig
+
+    source = cfg.finetune_from_ckp_file
+    if source:
+        folder = adapters.adapter_base_dir(source) if adapters.is_adapter_dir(source) else source
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise UserError(f"finetune_from_ckp_file '{folder}' is not a Hugging Face model directory (no "
+                            "config.json); pass a directory written by save_pretrained, e.g. model_save/<run>/final")
+        return AutoConfig.from_pretrained(os.path.abspath(folder))
+    return _hf_config(cfg, len(tokenizer), {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id,
+                                            "bos": tokenizer.bos_token_id})
+
+
 def build_model(cfg: TrainConfig, tokenizer):
     """The model the run trains: loaded from finetune_from_ckp_file, else built from the preset."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM

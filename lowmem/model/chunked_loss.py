@@ -104,15 +104,17 @@ def enable(model, rows: int | None = None):
     rows = rows or chunk_rows(model.config.vocab_size)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, shift_labels=None, **kwargs):
         if labels is None or not self.training:
             return full_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+                                labels=labels, num_items_in_batch=num_items_in_batch,
+                                **({"shift_labels": shift_labels} if shift_labels is not None else {}), **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             **kwargs).last_hidden_state
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # position t predicts token t+1, as HF's loss
+        # position t predicts token t+1, as HF's loss; a sequence-parallel part comes with its labels shifted
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE) if shift_labels is None else shift_labels
         total = linear_cross_entropy_sum(hidden, self.lm_head.weight, shifted, rows)
         items = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum()
         return CausalLMOutputWithPast(loss=total / items)

@@ -82,16 +82,18 @@ def keep_router_loss_out_of_the_model_loss(model) -> None:
         model.router_aux_loss_coef = 0.0
 
 
-def router_aux_loss(router_logits: tuple, num_experts: int, top_k: int, mask: torch.Tensor | None) -> torch.Tensor:
+def router_aux_loss(router_logits: tuple, num_experts: int, top_k: int, mask: torch.Tensor | None,
+                    total=lambda x: x) -> torch.Tensor:
     """The load-balancing loss over the router logits of every MoE layer (each [tokens, E]), counting only the tokens
     where `mask` ([batch, seq]) is true: E * sum_e f_e * P_e, with f_e the share of routing choices that went to
-    expert e and P_e its mean router probability, pooled over layers. 0 when no token counts (a filler batch)."""
+    expert e and P_e its mean router probability, pooled over layers. 0 when no token counts (a filler batch).
+    `total` sums a tensor over the processes that hold parts of the same sequences (sequence parallelism)."""
     logits = torch.stack([layer.float() for layer in router_logits])  # [layers, tokens, E]
     probs = logits.softmax(-1)
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(2).float()  # [layers, tokens, E]
     weight = torch.ones(logits.shape[1], device=logits.device) if mask is None else \
         mask.reshape(-1).to(device=logits.device, dtype=torch.float32)
-    count = (weight.sum() * logits.shape[0]).clamp(min=1)  # no host sync; an empty mask gives 0
-    share = (chosen * weight[None, :, None]).sum((0, 1)) / count
-    mean_prob = (probs * weight[None, :, None]).sum((0, 1)) / count
+    count = total(weight.sum() * logits.shape[0]).clamp(min=1)  # no host sync; an empty mask gives 0
+    share = total((chosen * weight[None, :, None]).sum((0, 1))) / count
+    mean_prob = total((probs * weight[None, :, None]).sum((0, 1))) / count
     return num_experts * (share * mean_prob).sum()

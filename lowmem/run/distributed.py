@@ -372,6 +372,8 @@ def deepspeed_plugin(cfg, mixed_precision: str, world_size: int | None = None):
         _cpu_deepspeed()
     check_training_options(cfg, ds, source)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    # every process, sequence-parallel ones included: ZeRO-3's zero.Init checks it before the groups exist (with
+    # sequence parallelism Accelerate's prepare() then counts the data-parallel ranks only)
     filled = fill_deepspeed_config(ds, cfg, world, mixed_precision, source)
     _single_process_env()
     # the launcher's DeepSpeed fields are already in `filled`; Accelerate refuses them beside a config dict

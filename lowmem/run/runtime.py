@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,35 @@ KNOWN_WARNINGS = (
 )
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where this process stands: its index among the processes, and its sequence-parallel group (N consecutive
+    processes that share every sample, each holding 1/N of each sequence). Data positions, batch counts and
+    gradient averages count data-parallel ranks, one per group, so checkpoints do not depend on N."""
+
+    rank: int = 0
+    world: int = 1
+    sequence_parallel: int = 1
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.sequence_parallel
+
+    @property
+    def data_world(self) -> int:
+        return self.world // self.sequence_parallel
+
+    @property
+    def part(self) -> int:
+        """This process's part of each sequence (0 .. sequence_parallel - 1)."""
+        return self.rank % self.sequence_parallel
+
+    @property
+    def reports(self) -> bool:
+        """Whether this process speaks for its group where the group's processes hold the same value (data counts)."""
+        return self.part == 0
+
+
 def quiet_known_warnings() -> None:
     """Filter KNOWN_WARNINGS by message and module (never all warnings of a kind)."""
     import warnings
@@ -46,7 +76,8 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def build_accelerator(cfg: TrainConfig):
+def build_accelerator(cfg: TrainConfig, parallelism_config=None):
+    """The run's Accelerator; `parallelism_config`: accelerate's ParallelismConfig (sequence parallelism)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -83,6 +114,7 @@ def build_accelerator(cfg: TrainConfig):
         project_config=ProjectConfiguration(project_dir=cfg.run_dir(), logging_dir=os.path.dirname(cfg.logging_dir())),
         step_scheduler_with_optimizer=False,
         **({"deepspeed_plugin": plugin} if plugin is not None else {}),
+        **({"parallelism_config": parallelism_config} if parallelism_config is not None else {}),
     )
 
 

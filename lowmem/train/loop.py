@@ -17,6 +17,7 @@ from config import TrainConfig
 
 from ..checkpoint import is_export
 from ..data.batches import Batch, dummy_batch
+from ..model.sequence_parallel import whole_sequences
 from ..run.errors import UserError
 from ..run.runtime import StopSignal, process_memory_summary
 from .metrics import SampleTrace, TrainReport, flops_per_token
@@ -33,13 +34,13 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _run(s: Session) -> dict:
-    cfg, state, world = s.cfg, s.state, s.accelerator.num_processes
+    cfg, state, world = s.cfg, s.state, s.layout.data_world
     if s.resumed_step is not None and not _more_to_train(cfg, state):
         return _finished_already(s)
     stop = StopSignal()
     trace = SampleTrace(cfg.logging_dir(), s.rank, s.resumed_step) if cfg.trace_samples else None
     report = TrainReport(s.accelerator, s.metrics, flops_per_token(s.accelerator.unwrap_model(s.model)),
-                         s.total_steps, state, trace, s.log)
+                         s.total_steps, state, trace, s.log, world)
     guard = NonfiniteGuard(s.optimizer, cfg.skip_nonfinite, cfg.max_nonfinite_steps, state, cfg.checkpoint_dir(),
                            s.accelerator.device, s.ema is not None, s.log)
     stop_early = False
@@ -51,7 +52,7 @@ def _run(s: Session) -> dict:
                 stop_early = _after_step(s, report, guard, epoch_end=True)
             else:
                 grad_norm, lr = train_step(s, window, global_tokens, report, guard)
-                state.advance(window, world, s.rank)
+                state.advance(window, world, s.layout.data_rank, s.layout.reports)
                 report.add(state, window)
                 stop_early = _after_step(s, report, guard, grad_norm, lr)
             if stop_early:
@@ -74,8 +75,9 @@ def _optimizer_steps(s: Session, stop: StopSignal):
     cfg, state = s.cfg, s.state
     while _more_to_train(cfg, state):
         steps_before = state.step
-        mine = state.data.ranks[s.rank]
-        batches = s.data.epoch(state.epoch, state.data.shard(s.rank), mine.position, mine.skip)
+        rank = s.layout.data_rank
+        mine = state.data.ranks[rank]
+        batches = s.data.epoch(state.epoch, state.data.shard(rank), mine.position, mine.skip)
         try:
             while not _at_max_steps(cfg, state):
                 window = list(islice(batches, cfg.gradient_accumulation_steps))
@@ -87,7 +89,7 @@ def _optimizer_steps(s: Session, stop: StopSignal):
                 if n_micro == 0:
                     break  # every process has finished the epoch
                 window += [dummy_batch(s.data.pad_id)] * (n_micro - len(window))
-                yield window, int(agreed[:, 0].sum())
+                yield window, int(agreed[:, 0].sum()) // s.layout.sequence_parallel  # a group's processes share it
         finally:
             batches.close()
         if state.step == steps_before == 0:
@@ -103,14 +105,15 @@ def train_step(s: Session, window: list[Batch], global_tokens: int, report: Trai
     from ..run.compat import set_accumulation_position
 
     acc, cfg = s.accelerator, s.cfg
-    ga, world = cfg.gradient_accumulation_steps, acc.num_processes
+    # gradients are averaged over data-parallel ranks (DeepSpeed adds a sequence group's parts up)
+    ga, world = cfg.gradient_accumulation_steps, s.layout.data_world
     # the loss is averaged over the step's label tokens on every process, not per micro-batch (objective.py)
     scale = torch.tensor(max(global_tokens, 1) / (ga * world), device=acc.device)
     set_accumulation_position(acc, ga - len(window))  # the window's last micro-batch syncs, even a short one
     for batch in window:
         with acc.accumulate(s.model), s.micro_batch():
-            loss, parts = s.objective(s.model, batch.on(acc.device, non_blocking=True), scale)
-            acc.backward(loss)
+            loss, parts = s.objective(s.model, s.cut(batch).on(acc.device, non_blocking=True), scale)
+            acc.backward(loss * s.gradient_factor if s.gradient_factor != 1 else loss)
             report.accumulate(parts, ga * world)
     grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or float("inf"))
     if grad_norm is None:  # DeepSpeed clipped and stepped inside backward without a norm
@@ -145,7 +148,7 @@ def _after_step(s: Session, report: TrainReport, guard, grad_norm=None, lr=None,
 
 def _evaluate(s: Session, report: TrainReport | None = None) -> tuple[bool, bool]:
     """Evaluate on the validation data and record it; (a new best, stop early)."""
-    result = evaluate(s.eval_model, s.data, s.objective, s.accelerator, s.cfg.eval_max_batches)
+    result = evaluate(s.eval_model, s.data, s.objective, s.accelerator, s.cfg.eval_max_batches, s.cut)
     if report is not None:
         report.log_eval(s.state, result)
     else:
@@ -156,15 +159,16 @@ def _evaluate(s: Session, report: TrainReport | None = None) -> tuple[bool, bool
 
 
 @torch.no_grad()
-def evaluate(model, data, objective, accelerator, max_batches: int) -> dict:
+def evaluate(model, data, objective, accelerator, max_batches: int, cut=lambda batch: batch) -> dict:
     """The objective's validation values (objective.eval_sums: loss, and the router loss or preference accuracy and
-    margin) over each validation dataset; eval_loss overall weighted by the datasets' weights, the rest pooled."""
+    margin) over each validation dataset; eval_loss overall weighted by the datasets' weights, the rest pooled.
+    `cut`: this process's part of a batch under sequence parallelism."""
     was_training = model.training
     model.eval()
     sets, names, sums = data.validation_batches(), [], {}
     for i, (_, _, batches) in enumerate(sets):
         for batch in islice(batches, max_batches or None):
-            for name, (total, count) in objective.eval_sums(model, batch.on(accelerator.device)).items():
+            for name, (total, count) in objective.eval_sums(model, cut(batch).on(accelerator.device)).items():
                 if name not in sums:
                     names.append(name)
                     sums[name] = torch.zeros(len(sets), 2, device=accelerator.device, dtype=torch.float64)
@@ -192,7 +196,8 @@ def _log_samples(s: Session) -> None:
     from ..infer.generate import generate_samples
 
     prompts = list(s.cfg.sample_prompts)
-    answers = generate_samples(s.accelerator.unwrap_model(s.eval_model), s.tokenizer, prompts, max_new_tokens=48)
+    with whole_sequences():  # generation runs on this process alone
+        answers = generate_samples(s.accelerator.unwrap_model(s.eval_model), s.tokenizer, prompts, max_new_tokens=48)
     s.metrics.log_text("samples", "\n\n".join(f"**{p}**\n\n{a}" for p, a in zip(prompts, answers)), s.state.step)
     s.metrics.log({"samples": dict(zip(prompts, answers))}, s.state.step)
 
@@ -238,9 +243,10 @@ def _answer_test_questions(s: Session) -> dict:
     from ..infer.evaluate import generation_metrics
     from ..infer.generate import GenerationOptions
 
-    scores = generation_metrics(s.accelerator.unwrap_model(s.eval_model), s.tokenizer, s.cfg.test_file,
-                                GenerationOptions(max_new_tokens=64, greedy=True), batch_size=32,
-                                max_examples=s.cfg.test_generation_samples, progress="answering the test questions")
+    with whole_sequences():  # generation runs on this process alone
+        scores = generation_metrics(s.accelerator.unwrap_model(s.eval_model), s.tokenizer, s.cfg.test_file,
+                                    GenerationOptions(max_new_tokens=64, greedy=True), batch_size=32,
+                                    max_examples=s.cfg.test_generation_samples, progress="answering the test questions")
     result = {"test_exact_match": scores["exact_match"], "test_bleu4": scores["bleu4"]}
     s.metrics.log(result, s.state.step)
     return result

@@ -66,15 +66,18 @@ class Holding:
 
 
 def holding(hf_config, cfg: TrainConfig, mixed_precision: str, device: str = "cpu", zero3: bool = False,
-            attention: str | None = None) -> Holding:
+            attention: str | None = None, weight_bytes: int | None = None) -> Holding:
+    """`weight_bytes`: the size of one element of the model's weights (2 for a LoRA base held in bf16); by default
+    what the config asks for."""
     from ..model import chunked_loss, offload
 
     half = mixed_precision in ("bf16", "fp16") or cfg.bf16_weights
+    residual = weight_bytes or (2 if cfg.bf16_weights else 4)
     chunked = cfg.chunked_cross_entropy is not False and chunked_loss.why_not(hf_config, cfg.use_liger_kernel,
                                                                               zero3) is None
     attention = attention or cfg.attn_implementation
     lora = cfg.lora_r > 0
-    return Holding(2 if half else 4, 2 if cfg.bf16_weights else 4,
+    return Holding(2 if half else 4, residual,
                    cfg.gradient_checkpointing_mode if cfg.gradient_checkpointing else None,
                    cfg.gradient_checkpointing_every, chunked, cfg.tiled_mlp,
                    cfg.gradient_checkpointing and cfg.gradient_checkpointing_offload and device == "cuda"
@@ -89,7 +92,7 @@ def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1) -> tuple
     h, kv, width, layers, a, r = shape.hidden, shape.kv, shape.mlp, shape.layers, how.matmul_bytes, how.residual_bytes
     casts = a if a < r else 0  # autocast keeps each linear layer's input cast to half precision
     norms = 2 * (4 * h + r * h)  # two RMSNorms: fp32 input, normalised output in the weights' dtype
-    attention = 3 * casts * h + a * (2 * h + 2 * kv) + casts * h  # q/k/v input casts, SDPA's q/k/v/out, o_proj's cast
+    attention = 3 * casts * h + a * (2 * h + 2 * kv)  # q/k/v input casts, SDPA's q/k/v/out (o_proj's input)
     mlp = 2 * casts * h + 4 * a * width  # gate/up input casts; gate, act(gate), up and their product
     dropped = (6 * h + width) * (a + 1) if how.lora_dropout else 0  # LoRA's dropped-out inputs and their masks
     block = norms + attention + dropped
@@ -232,7 +235,8 @@ class Planner:
 def planner(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
             offload_optimizer: bool = False, reference_bytes: float = 0.0, device: str = "cpu",
             runtime: float = 0.0, attention: str | None = None) -> Planner:
-    how = holding(model.config, cfg, mixed_precision, device, zero_stage == 3, attention)
+    embeddings = model.get_input_embeddings().weight
+    how = holding(model.config, cfg, mixed_precision, device, zero_stage == 3, attention, embeddings.element_size())
     fixed = fixed_bytes(model, cfg, mixed_precision, world, zero_stage, offload_optimizer, reference_bytes, runtime)
     budget, name = budget_bytes(device, cfg.max_gpu_memory_gb)
     return Planner(decoder_shape(model.config), how, fixed, cfg.batch_size_per_gpu, budget, name)

@@ -192,8 +192,9 @@ def peak_memory_line(step: int) -> str:
 class Meter:
     """Throughput and padding over the steps since the last log; the only host sync is at log time."""
 
-    def __init__(self, flop_per_token: float, world: int):
-        self.flop_per_token, self.world = flop_per_token, world
+    def __init__(self, flop_per_token: float, world: int, devices: int | None = None):
+        self.flop_per_token, self.world = flop_per_token, world  # world: data-parallel ranks (one per SP group)
+        self.devices = devices or world
         self.reset()
 
     def reset(self) -> None:
@@ -214,7 +215,7 @@ class Meter:
                   "nonfinite_total": state.nonfinite_total, "host_rss_gb": host_rss_gb(),
                   "host_peak_rss_gb": host_peak_rss_gb(), **gpu_memory_gb()}
         if torch.cuda.is_available():
-            record["mfu"] = tokens_per_sec * self.flop_per_token / (peak_flops() * self.world)
+            record["mfu"] = tokens_per_sec * self.flop_per_token / (peak_flops() * self.devices)
         self.reset()
         return record
 
@@ -244,10 +245,10 @@ class TrainReport:
     the meter, the progress bar, the first peak-memory line, evaluations, and the sample trace."""
 
     def __init__(self, accelerator, writer: MetricsWriter, flop_per_token: float, total_steps: int, state,
-                 trace: SampleTrace | None, log):
+                 trace: SampleTrace | None, log, data_world: int | None = None):
         self.accelerator, self.writer, self.trace, self.log = accelerator, writer, trace, log
         self.running: dict[str, torch.Tensor] = {}  # name -> summed share of each step's value, on the device
-        self.meter = Meter(flop_per_token, accelerator.num_processes)
+        self.meter = Meter(flop_per_token, data_world or accelerator.num_processes, accelerator.num_processes)
         self.progress = Progress(accelerator, total_steps, state.step)
         self.peak_reported = False
 

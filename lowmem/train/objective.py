@@ -6,12 +6,15 @@ Accelerate's division by the accumulation steps and the average over processes, 
 over every label token of the step, whatever the split. An MoE router's load-balancing loss is a mean per
 micro-batch; it is added with the run's coefficient, so the step minimises its mean over the step's
 micro-batches (its value depends a little on how tokens are split into micro-batches, its scale does not).
+Under sequence parallelism a process holds part of each sequence: its token loss is its part's sum (with
+labels shifted before the cut), and the router loss is the whole sequence's (sequence_parallel.sum_over_group).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..model import sequence_parallel
 from ..model.moe import keep_router_loss_out_of_the_model_loss, moe_shape, router_aux_loss
 
 
@@ -54,8 +57,11 @@ class TokenLoss:
                                                                             if self.routes else {}))
         if not self.routes:
             return out.loss, {"loss": out.loss.detach()}
-        aux = router_aux_loss(out.router_logits, self.moe.num_experts, self.moe.top_k, batch.real)
-        return out.loss + self.router_coef * aux, {"loss": out.loss.detach(), "aux_loss": aux.detach()}
+        # under sequence parallelism every process of a group holds the whole sequence's router loss: logged once
+        aux = router_aux_loss(out.router_logits, self.moe.num_experts, self.moe.top_k, batch.real,
+                              sequence_parallel.sum_over_group)
+        shared = sequence_parallel.size()
+        return out.loss + self.router_coef * aux, {"loss": out.loss.detach(), "aux_loss": aux.detach() / shared}
 
     @torch.no_grad()
     def eval_sums(self, model, batch) -> dict[str, tuple[torch.Tensor, float]]:
@@ -64,6 +70,6 @@ class TokenLoss:
         one = torch.ones((), device=batch.tensors["input_ids"].device)
         _, parts = self(model, batch, one)
         sums = {"loss": (parts["loss"], float(batch.loss_units))}
-        if "aux_loss" in parts:
-            sums["aux_loss"] = (parts["aux_loss"], 1.0)
+        if "aux_loss" in parts:  # once per micro-batch: a sequence group's processes count one share each
+            sums["aux_loss"] = (parts["aux_loss"], 1.0 / sequence_parallel.size())
         return sums

@@ -8,7 +8,6 @@ plan of one process of that launch (ZeRO sharding included).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -16,9 +15,9 @@ from config import TrainConfig
 
 from ..data.demo import ensure_demo_assets
 from ..data.tokenizer import load_tokenizer
-from ..model.adapters import adapter_base_dir, is_adapter_dir, uses_lora
+from ..model.adapters import base_dtype, uses_lora
 from ..model.attention import attention_backend
-from ..model.build import _hf_config, apply_training_options
+from ..model.build import apply_training_options, model_config
 from ..run.runtime import build_accelerator, resolve_precision
 from .memory_plan import fixed_bytes, memory_plan, plan_table, planner
 from .metrics import host_rss_bytes
@@ -28,17 +27,12 @@ from .validate import check_config
 
 def _meta_model(cfg: TrainConfig, tokenizer):
     """The run's model with its training options, on the meta device: every shape, no weight."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    source = cfg.finetune_from_ckp_file
-    if source:
-        folder = adapter_base_dir(source) if is_adapter_dir(source) else source
-        config = AutoConfig.from_pretrained(os.path.abspath(folder))
-    else:
-        config = _hf_config(cfg, len(tokenizer), {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id,
-                                                  "bos": tokenizer.bos_token_id})
+    config = model_config(cfg, tokenizer)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {} if config.is_encoder_decoder else {"attn_implementation": attention_backend(cfg)}
+    kwargs["dtype"] = base_dtype(cfg)  # a LoRA base in bf16, as build_model holds it
     with torch.device("meta"):
         model = auto.from_config(config, **kwargs)
         return apply_training_options(model, cfg, log=lambda _: None)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..model import sequence_parallel
+
 LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo", "hinge")
 
@@ -88,18 +90,21 @@ def _answer_logps(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Te
 def token_logps(model, inputs: dict, chunk_tokens: int = 4096, **forward_options) -> tuple[torch.Tensor, object]:
     """([rows, width] log-probability of each labelled token given the ones before it, 0 elsewhere; the model's
     output), from the last hidden states through the output layer in chunks of tokens whose logits are recomputed
-    in backward, so the whole [tokens x vocabulary] logits never exist at once."""
-    labels = inputs["labels"]
-    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    in backward, so the whole [tokens x vocabulary] logits never exist at once. Column t holds token t's; for a
+    sequence-parallel part (inputs with `shift_labels`), token t + 1's, the one position t predicts."""
+    shifted = inputs.get("shift_labels")
+    forward = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     out = model(**forward, use_cache=False, output_hidden_states=True, logits_to_keep=1, **forward_options)
-    hidden = out.hidden_states[-1][:, :-1]  # position t predicts token t + 1
-    targets = labels[:, 1:]
+    hidden = out.hidden_states[-1] if shifted is not None else out.hidden_states[-1][:, :-1]  # t predicts t + 1
+    targets = shifted if shifted is not None else inputs["labels"][:, 1:]
     head = _unwrapped(model).get_output_embeddings()
     rows, width = targets.shape
     flat_hidden, flat_targets = hidden.reshape(rows * width, -1), targets.reshape(-1)
     parts = [checkpoint(_answer_logps, flat_hidden[i:i + chunk_tokens], head, flat_targets[i:i + chunk_tokens],
                         use_reentrant=False) for i in range(0, rows * width, chunk_tokens)]
     logps = torch.cat(parts).reshape(rows, width)
+    if shifted is not None:
+        return logps, out
     return F.pad(logps, (1, 0)), out  # aligned with the labels: column t is log p(token t)
 
 
@@ -108,6 +113,17 @@ def _unwrapped(model):
     while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
         model = model.module
     return model
+
+
+def document_sums(model, batch, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability, answer tokens) of each of a batch's documents under `model`; under sequence
+    parallelism summed over the group (every process gets the whole documents' values, gradients stay local)."""
+    logps, _ = token_logps(model, batch.tensors)
+    part = "shift_labels" in batch.tensors
+    sequence = batch.extra["shift_sequence" if part else "sequence"]
+    labels = batch.tensors["shift_labels" if part else "labels"]
+    sums, tokens = sequence_sums(logps, sequence, labels, n_sequences)
+    return sequence_parallel.sum_over_group(sums), sequence_parallel.sum_over_group(tokens)
 
 
 def sequence_sums(logps: torch.Tensor, sequence: torch.Tensor, labels: torch.Tensor, n_sequences: int
@@ -141,9 +157,8 @@ class PreferenceLoss:
 
     def pair_values(self, model, batch) -> dict[str, torch.Tensor]:
         """Per-pair loss, rewards and log-probabilities of the batch."""
-        logps, _ = token_logps(model, batch.tensors)
         n = batch.loss_units
-        sums, tokens = sequence_sums(logps, batch.extra["sequence"], batch.tensors["labels"], 2 * n)
+        sums, tokens = document_sums(model, batch, 2 * n)
         reference = self.reference.sums(model, batch) if self.settings.uses_reference else None
         loss, reward_c, reward_r = pair_losses(self.settings, sums[:n], sums[n:], tokens[:n], tokens[n:],
                                                None if reference is None else reference[:, 0],
@@ -156,10 +171,12 @@ class PreferenceLoss:
         """(what backward takes: the pair losses summed and divided by `scale`, detached parts to log likewise)."""
         values = self.pair_values(model, batch)
         loss = values["loss"].sum() / scale
-        parts = {name: value.detach().sum() / scale for name, value in values.items()}
+        shared = sequence_parallel.size()  # a sequence group's processes hold the same pairs: logged once
+        parts = {name: value.detach().sum() / scale / shared for name, value in values.items()}
         return loss, parts
 
     @torch.no_grad()
     def eval_sums(self, model, batch) -> dict[str, tuple[torch.Tensor, float]]:
         values = self.pair_values(model, batch)
-        return {name: (value.sum(), float(batch.loss_units)) for name, value in values.items()}
+        shared = sequence_parallel.size()
+        return {name: (value.sum() / shared, batch.loss_units / shared) for name, value in values.items()}

@@ -18,7 +18,7 @@ import torch
 
 from ..data.reference_cache import ReferenceCache
 from ..run.errors import UserError
-from .preference import sequence_sums, token_logps
+from .preference import document_sums
 
 CHOICES = ("auto", "cache", "adapters_off", "model")
 
@@ -107,15 +107,14 @@ class Reference:
         was_training = unwrapped.training
         unwrapped.eval()  # no dropout in the reference, here as in the cache
         try:
+            n = batch.loss_units
             if self.kind == "adapters_off" or (self.kind == "cache" and hasattr(unwrapped, "disable_adapter")):
                 with unwrapped.disable_adapter():
-                    logps, _ = token_logps(target, batch.tensors)
+                    sums, _ = document_sums(target, batch, 2 * n)
             else:
-                logps, _ = token_logps(target, batch.tensors)
+                sums, _ = document_sums(target, batch, 2 * n)
         finally:
             unwrapped.train(was_training)
-        n = batch.loss_units
-        sums, _ = sequence_sums(logps, batch.extra["sequence"], batch.tensors["labels"], 2 * n)
         return torch.stack([sums[:n], sums[n:]], dim=1)
 
 
@@ -133,10 +132,14 @@ def data_fingerprint(dataset) -> dict:
 
 
 def ensure_caches(data, model, accelerator, channel, settings: dict, cache_dir: str, options, tokenizer,
-                  log) -> tuple[dict, int]:
-    """Every dataset's reference cache, computed where missing or unfinished (each process its share of the rows,
-    a progress bar on the main one), refused where it was computed for other settings. Every process calls this,
-    with the model as training will start from it; returns (each dataset's cache by name, forward passes run)."""
+                  log, layout=None, cut=lambda batch: batch) -> tuple[dict, int]:
+    """Every dataset's reference cache, computed where missing or unfinished (each data-parallel rank its share of
+    the rows, a progress bar on the main process), refused where it was computed for other settings. Every process
+    calls this, with the model as training will start from it; under sequence parallelism the processes of a group
+    compute the same rows, each its part (`cut`), and one writes them. Returns (each dataset's cache by name,
+    forward passes run)."""
+    rank, world, writes = (layout.data_rank, layout.data_world, layout.reports) if layout is not None else \
+        (accelerator.process_index, accelerator.num_processes, True)
     from ..data.pairs import EncodedPair, PairEncoder, collate_pairs
     from ..data.sources import open_dataset
 
@@ -156,7 +159,7 @@ def ensure_caches(data, model, accelerator, channel, settings: dict, cache_dir: 
             continue
         ordered = open_dataset(dataset.spec, options, tokenizer, shuffle=False, flag="train_file", log=lambda _: None)
         encoder = PairEncoder(tokenizer, options.max_seq_len, False, dataset.spec.paths[0])
-        pending = cache.pending_rows()[accelerator.process_index::accelerator.num_processes]
+        pending = cache.pending_rows()[rank::world]
         per_batch = max(1, options.batch_size)
         batches = [pending[i:i + per_batch] for i in range(0, len(pending), per_batch)]
         rounds = int(channel.gather([len(batches)])[:, 0].max())  # ZeRO-3 gathers weights in every process at once
@@ -169,9 +172,9 @@ def ensure_caches(data, model, accelerator, channel, settings: dict, cache_dir: 
             rows = [int(row) for row in batches[r]] if r < len(batches) else []
             encoded = encoder.encode_many([_row(ordered.source, row) for row in rows], rows)
             usable = [e for e in encoded if isinstance(e, EncodedPair)]
-            batch = collate_pairs(usable or [filler], data.pad_id, 0).on(accelerator.device)
+            batch = cut(collate_pairs(usable or [filler], data.pad_id, 0)).on(accelerator.device)
             found = iter(reference.compute(model, batch).tolist())
-            if rows:
+            if rows and writes:
                 cache.write(rows, [tuple(next(found)) if isinstance(e, EncodedPair) else None for e in encoded])
             bar.update(1)
         bar.close()

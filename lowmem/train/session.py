@@ -27,12 +27,14 @@ from ..data.sources import DataInputs, parse_inputs
 from ..data.tokenizer import load_tokenizer
 from ..fields import PREFERENCE, RECORDS, rules
 from ..model.adapters import uses_lora
-from ..model.build import apply_training_options, build_model
-from ..model import offload
+from ..model.build import apply_training_options, build_model, model_config
+from ..data.shards import cut
+from ..model import offload, sequence_parallel
+from ..model.attention import attention_backend
 from ..model.moe import mark_zero3_leaves
 from ..run.errors import UserError
 from ..run.host_memory import return_freed_tensors_to_the_os
-from ..run.runtime import HostChannel, build_accelerator, quiet_known_warnings
+from ..run.runtime import HostChannel, Layout, build_accelerator, quiet_known_warnings
 from .autobatch import cuda_probe, largest_fitting, limit_gpu_memory, split_global_batch
 from .ema import EMA
 from .memory_plan import STATE_BYTES
@@ -69,6 +71,12 @@ class Session:
     lock: RunLock
     micro_batch: object = contextlib.nullcontext  # what each micro-batch's forward and backward run in (offload)
     host_baseline: float = 0.0  # bytes this process held before the model was built (the memory plan's "process")
+    layout: Layout = Layout()  # data-parallel rank and world, and this process's part of each sequence
+    gradient_factor: float = 1.0  # the loss multiplier before backward that keeps a sequence group's gradient whole
+
+    def cut(self, batch):
+        """This process's part of a batch (sequence parallelism), or the batch itself."""
+        return cut(batch, self.layout.part, self.layout.sequence_parallel, self.data.pad_id)
 
     def log(self, text: str) -> None:
         """A line above the progress bar, from the main process only."""
@@ -148,7 +156,8 @@ def start_session(cfg: TrainConfig) -> Session:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar would tangle with ours
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(cfg, sequence_parallel.parallelism_config(
+        cfg, int(os.environ.get("WORLD_SIZE", "1")), attention_backend(cfg)))
     channel = HostChannel(accelerator.num_processes)
     lock = RunLock(cfg.run_dir())
     try:
@@ -169,13 +178,16 @@ def _own_the_run(cfg: TrainConfig, lock: RunLock, log):
 
 
 def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChannel, lock: RunLock) -> Session:
-    log, world = accelerator.print, accelerator.num_processes
+    log = accelerator.print
+    layout = Layout(accelerator.process_index, accelerator.num_processes, cfg.sequence_parallel_size)
+    world = layout.data_world  # what data positions, batches and checkpoints count: one per sequence group
     main_pid, main_host = channel.on_main(accelerator.is_main_process, lambda: _own_the_run(cfg, lock, log))
     exit_with_launcher(main_pid if main_host == socket.gethostname() else None)
     tokenizer_dir = cfg.tokenizer_dir or cfg.finetune_from_ckp_file
     if not tokenizer_dir:
         raise UserError("no tokenizer: set --tokenizer_dir, or --finetune_from_ckp_file to a model dir with one")
     tokenizer = load_tokenizer(tokenizer_dir)
+    sequence_parallel.check(cfg, model_config(cfg, tokenizer), attention_backend(cfg), accelerator.num_processes)
     prints = fingerprint(cfg, world, len(tokenizer))
     plan = None
     if cfg.is_keep_training:
@@ -191,7 +203,7 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
     budget = limit_gpu_memory(cfg.max_gpu_memory_gb)
     if cfg.auto_batch_size:
         cfg = _auto_batch(cfg, accelerator, model, tokenizer, budget)
-    data = TrainData(inputs, data_options(cfg), tokenizer, is_enc_dec, accelerator.process_index, world,
+    data = TrainData(inputs, data_options(cfg), tokenizer, is_enc_dec, layout.data_rank, world,
                      pin_memory=accelerator.device.type == "cuda", log=log)
     check_flags_apply(cfg, data.kinds)
     data.check_before_training(model.get_input_embeddings().num_embeddings)
@@ -203,6 +215,8 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     leaves = mark_zero3_leaves(model) if routed and _zero_stage(accelerator) == 3 else []
+    if layout.sequence_parallel > 1:  # prepare() puts Ulysses in the place of the model's attention function
+        sequence_parallel.keep_core_attention(model.config._attn_implementation)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.distributed_type.name == "DEEPSPEED":
         scheduler.optimizer = model.optimizer  # schedule the groups DeepSpeed steps (its CPU Adam when offloading)
@@ -211,12 +225,13 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
     if getattr(objective, "reference", None) is not None and objective.reference.kind == "cache":
         # before any restore: the weights are still the ones training started from, the reference's
         caches, passes = ensure_caches(data, model, accelerator, channel, objective.reference.settings,
-                                       cfg.reference_cache_dir, data.options, tokenizer, log)
+                                       cfg.reference_cache_dir, data.options, tokenizer, log, layout,
+                                       lambda batch: cut(batch, layout.part, layout.sequence_parallel, data.pad_id))
         data.attach_references(caches)
         objective.reference.forward_passes += passes
     state = TrainState.fresh(world)
-    run_state = GlobalTrainState(state, channel, accelerator.process_index, world,
-                                 {"fingerprint": prints, "config": dataclasses.asdict(cfg)}, log)
+    run_state = GlobalTrainState(state, channel, layout.data_rank, world,
+                                 {"fingerprint": prints, "config": dataclasses.asdict(cfg)}, log, layout.sequence_parallel)
     parts = RunParts(model, optimizer, scheduler, tokenizer, run_state, ema.model if ema is not None else None)
     checkpoints = CheckpointManager(accelerator, cfg.checkpoint_dir(), cfg.keep_latest_n_ckp, parts,
                                     weights_format(uses_lora(cfg), cfg.merge_lora))
@@ -225,7 +240,7 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
             allow_optimizer_state_types()  # torchao's compact states load under weights_only
         path = checkpoints.restore(plan, log)
         log(f"resumed from {path}: step {state.step}, epoch {state.epoch}, "
-            f"position {state.data.ranks[accelerator.process_index].position}")
+            f"position {state.data.ranks[layout.data_rank].position}")
     resumed_step = state.step if plan is not None else None
     if accelerator.is_main_process:
         claim_log_dir(cfg)
@@ -234,7 +249,8 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
     moving = offload.choose(cfg)
     session = Session(cfg, accelerator, tokenizer, model, data, optimizer, scheduler, checkpoints, metrics, ema, state,
                       run_state, objective, total_steps, steps_per_epoch, resumed_step, is_enc_dec, channel, lock,
-                      offload.micro_batch_context(moving), baseline)
+                      offload.micro_batch_context(moving), baseline, layout,
+                      sequence_parallel.gradient_factor(layout.sequence_parallel, _zero_stage(accelerator)))
     notes = [f"ZeRO-3 gathers each MoE block ({', '.join(leaves)}) as one leaf"] if leaves else []
     notes += [offload.describe(moving)] if moving != "off" else []
     session.log(start_summary(session, config_warnings(cfg), notes))

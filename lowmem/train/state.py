@@ -100,8 +100,9 @@ class TrainState:
 
     # ---------------------------------------------------------------- what the loop changes
 
-    def advance(self, window: list, world: int, rank: int) -> None:
-        """Count an optimizer step and move this process's data position past the batches it trained."""
+    def advance(self, window: list, world: int, rank: int, counts: bool = True) -> None:
+        """Count an optimizer step and move this process's data position past the batches it trained (`world`, `rank`:
+        data-parallel; `counts`: whether this process adds its batches' data counters, one per sequence group)."""
         self.step += 1
         mine = self.data.ranks[rank]
         for batch in window:
@@ -114,7 +115,8 @@ class TrainState:
             else:
                 mine.consumed = []
             mine.position, mine.skip = batch.position, batch.skip
-            self.local_counts.update(batch.counts)
+            if counts:
+                self.local_counts.update(batch.counts)
         self.tokens_seen += sum(b.real_tokens for b in window) * world
 
     def next_epoch(self, world: int) -> None:
@@ -181,8 +183,10 @@ class GlobalTrainState:
     """The train state of every process together: what a checkpoint holds (with the run's settings beside it)
     and the counters the logs show. state_dict and counts are collectives: every process calls them."""
 
-    def __init__(self, state: TrainState, channel, rank: int, world: int, settings: dict, log=print):
-        self.state, self.channel, self.rank, self.world = state, channel, rank, world
+    def __init__(self, state: TrainState, channel, rank: int, world: int, settings: dict, log=print,
+                 group: int = 1):
+        self.state, self.channel, self.rank, self.world = state, channel, rank, world  # data-parallel rank and world
+        self.group = group  # processes per sequence-parallel group: they share one data position
         self.settings, self.log = settings, log  # the fingerprint and config saved beside the state
 
     def counts(self) -> dict:
@@ -192,6 +196,7 @@ class GlobalTrainState:
     def state_dict(self) -> dict:
         state = self.state
         gathered = self.channel.gather_objects((asdict(state.data.ranks[self.rank]), dict(state.local_counts)))
+        gathered = gathered[::self.group]  # one per data-parallel rank (a group's processes hold the same)
         ranks = [RankPosition(**position) for position, _ in gathered]
         return {**state.state_dict(state.total_counts([c for _, c in gathered]), ranks), **self.settings}
 
