@@ -24,12 +24,35 @@ def _shifted(t: torch.Tensor, fill: int) -> torch.Tensor:
     return F.pad(t[:, 1:], (0, 1), value=fill)
 
 
-def cut(batch: Batch, rank: int, n: int, pad_id: int) -> Batch:
-    """This process's part (rank of n) of every row of `batch`."""
+def _filled(batch: Batch, rows: int, pad_id: int) -> Batch:
+    """`batch` with rows of padding added (no label, positions of their own)."""
+    t = batch.tensors
+    have, width = t["input_ids"].shape
+    extra_rows = rows - have
+
+    def grow(tensor: torch.Tensor, fill) -> torch.Tensor:
+        return torch.cat([tensor, torch.full((extra_rows, width), fill, dtype=tensor.dtype)])
+
+    tensors = {"input_ids": grow(t["input_ids"], pad_id), "labels": grow(t["labels"], IGNORE_INDEX)}
+    positions = t.get("position_ids")
+    if positions is None:
+        positions = torch.arange(width).expand(have, width)
+    tensors["position_ids"] = torch.cat([positions, torch.arange(width).expand(extra_rows, width)])
+    extra = {k: grow(v, -1) if k == "sequence" else v for k, v in batch.extra.items()}
+    return replace(batch, tensors=tensors, extra=extra, real=None if batch.real is None else grow(batch.real, False))
+
+
+def cut(batch: Batch, rank: int, n: int, pad_id: int, rows: int = 0) -> Batch:
+    """This process's part (rank of n) of every row of `batch`, with filler rows up to `rows` (Ulysses is built for
+    one micro-batch size: a short last batch is filled with rows that train nothing)."""
     if n == 1:
         return batch
     t = batch.tensors
-    rows, width = t["input_ids"].shape
+    have, width = t["input_ids"].shape
+    rows = max(rows, have)
+    if rows > have:
+        batch = _filled(batch, rows, pad_id)
+        t = batch.tensors
     target = math.ceil(width / n) * n
     grow = target - width
     positions = t.get("position_ids")

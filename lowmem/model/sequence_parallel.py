@@ -33,9 +33,7 @@ def check(cfg, hf_config, attention: str, world: int) -> None:
     n = cfg.sequence_parallel_size
     if n == 1:
         return
-    if world % n:
-        raise UserError(f"--sequence_parallel_size={n} needs a number of processes divisible by it; this launch has "
-                        f"{world} (launch {n * max(1, world // n)} or {n * (world // n + 1)} processes)")
+    check_launch(cfg, world)
     if getattr(hf_config, "is_encoder_decoder", False):
         raise UserError("--sequence_parallel_size splits decoder sequences (Llama, Qwen, Mistral, ...); T5 is refused")
     c = text_config(hf_config)
@@ -56,6 +54,16 @@ def check(cfg, hf_config, attention: str, world: int) -> None:
         raise UserError(f"--packing under --sequence_parallel_size={n} with --attn_implementation={attention}: "
                         "Ulysses drops the attention mask, so packed documents would attend to each other; use "
                         "--attn_implementation=sdpa_varlen (or flash_attention_2 on CUDA)")
+
+
+def check_launch(cfg, world: int) -> None:
+    """What the launch must offer before anything is built: processes divisible by N, DeepSpeed."""
+    n = cfg.sequence_parallel_size
+    if n == 1:
+        return
+    if world % n:
+        raise UserError(f"--sequence_parallel_size={n} needs a number of processes divisible by it; this launch has "
+                        f"{world} (launch {n * max(1, world // n)} or {n * (world // n + 1)} processes)")
     from ..run.distributed import asks_for_deepspeed
 
     if not asks_for_deepspeed(cfg):
@@ -70,6 +78,7 @@ def parallelism_config(cfg, world: int, attention: str):
     n = cfg.sequence_parallel_size
     if n == 1:
         return None
+    check_launch(cfg, world)
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
@@ -101,7 +110,7 @@ def _group_state():
 
 def group():
     """The sequence-parallel process group of this process, once prepare() made it; None without SP."""
-    if not _CORE:  # sequence parallelism is off: never import deepspeed for it
+    if not _CORE or _ALONE:  # sequence parallelism is off (never import deepspeed for it), or paused
         return None
     try:
         return _group_state().get_sequence_parallel_group()
@@ -126,6 +135,7 @@ def sum_over_group(value: torch.Tensor) -> torch.Tensor:
 
 
 _CORE: dict = {}  # attention name -> the function Ulysses wraps, kept before prepare() replaces it
+_ALONE: list = []  # non-empty while a process works alone on whole sequences
 
 
 def keep_core_attention(name: str) -> None:
@@ -137,15 +147,17 @@ def keep_core_attention(name: str) -> None:
 
 @contextlib.contextmanager
 def whole_sequences():
-    """One process working alone on whole sequences (generating samples): attention without Ulysses' exchanges
-    for the duration; nothing changes without sequence parallelism."""
+    """One process working alone on whole sequences (generating samples): attention without Ulysses' exchanges and
+    objectives without group sums for the duration; nothing changes without sequence parallelism."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     swapped = {name: ALL_ATTENTION_FUNCTIONS[name] for name in _CORE if group() is not None}
     for name in swapped:
         ALL_ATTENTION_FUNCTIONS[name] = _CORE[name]
+    _ALONE.append(True)
     try:
         yield
     finally:
+        _ALONE.pop()
         for name, wrapped in swapped.items():
             ALL_ATTENTION_FUNCTIONS[name] = wrapped

@@ -14,6 +14,7 @@ figure is the process's peak resident memory; on a GPU it is what PyTorch alloca
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -86,9 +87,13 @@ def holding(hf_config, cfg: TrainConfig, mixed_precision: str, device: str = "cp
                    not lora and not cfg.freeze_embeddings or "lm_head" in cfg.lora_modules_to_save)
 
 
-def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1) -> tuple[float, float]:
+def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1, parts: int = 1) -> tuple[float, float]:
     """(bytes on the device, bytes moved to the host) of the activations of a micro-batch of `tokens` tokens in
-    `rows` rows."""
+    `rows` rows, of which this process holds 1/`parts` (sequence parallelism)."""
+    exchanged = 0.0
+    if parts > 1:  # Ulysses' all-to-all buffers: q, k, v and the output, before and after the exchange
+        exchanged = 2 * how.matmul_bytes * (2 * shape.hidden + 2 * shape.kv) * math.ceil(tokens / parts)
+        tokens = math.ceil(tokens / parts)
     h, kv, width, layers, a, r = shape.hidden, shape.kv, shape.mlp, shape.layers, how.matmul_bytes, how.residual_bytes
     casts = a if a < r else 0  # autocast keeps each linear layer's input cast to half precision
     norms = 2 * (4 * h + r * h)  # two RMSNorms: fp32 input, normalised output in the weights' dtype
@@ -123,7 +128,7 @@ def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1) -> tuple
         quadratic += rows * per_row ** 2
     if how.eager:
         quadratic += rows * shape.heads * per_row ** 2 * (a + 4 + 1)  # scores, fp32 softmax, dropout mask
-    return body + in_flight + head + quadratic, host
+    return body + in_flight + head + quadratic + exchanged, host
 
 
 def activation_bytes(hf_config, cfg: TrainConfig, mixed_precision: str, tokens: int) -> float | None:
@@ -213,42 +218,44 @@ class Planner:
     rows: int  # micro-batch
     budget: float
     budget_name: str
+    parts: int = 1  # --sequence_parallel_size: this process holds 1/parts of every sequence
 
     def peak(self, length: int, rows: int | None = None, how: Holding | None = None) -> float | None:
         if self.shape is None:
             return None
         rows = rows or self.rows
-        device, _ = activations(self.shape, how or self.how, rows * length, rows)
+        device, _ = activations(self.shape, how or self.how, rows * length, rows, self.parts)
         return self.fixed.total + device
 
     def host(self, length: int) -> float:
-        return activations(self.shape, self.how, self.rows * length, self.rows)[1] if self.shape else 0.0
+        return activations(self.shape, self.how, self.rows * length, self.rows, self.parts)[1] if self.shape else 0.0
 
-    def longest(self, rows: int | None = None, how: Holding | None = None, fixed: Fixed | None = None) -> int:
+    def longest(self, rows: int | None = None, how: Holding | None = None, fixed: Fixed | None = None,
+                parts: int | None = None) -> int:
         if self.shape is None:
             return 0
-        base = fixed or self.fixed
-        return longest_length(lambda n: base.total + activations(self.shape, how or self.how, (rows or self.rows) * n,
-                                                                 rows or self.rows)[0] <= self.budget)
+        base, rows, parts = fixed or self.fixed, rows or self.rows, parts or self.parts
+        return longest_length(lambda n: base.total + activations(self.shape, how or self.how, rows * n, rows,
+                                                                 parts)[0] <= self.budget)
 
 
 def planner(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
             offload_optimizer: bool = False, reference_bytes: float = 0.0, device: str = "cpu",
-            runtime: float = 0.0, attention: str | None = None) -> Planner:
+            runtime: float = 0.0, attention: str | None = None, parts: int = 1) -> Planner:
     embeddings = model.get_input_embeddings().weight
     how = holding(model.config, cfg, mixed_precision, device, zero_stage == 3, attention, embeddings.element_size())
     fixed = fixed_bytes(model, cfg, mixed_precision, world, zero_stage, offload_optimizer, reference_bytes, runtime)
     budget, name = budget_bytes(device, cfg.max_gpu_memory_gb)
-    return Planner(decoder_shape(model.config), how, fixed, cfg.batch_size_per_gpu, budget, name)
+    return Planner(decoder_shape(model.config), how, fixed, cfg.batch_size_per_gpu, budget, name, parts)
 
 
 def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
                 offload_optimizer: bool = False, reference: str | None = None, reference_bytes: float = 0.0,
-                device: str = "cpu", runtime: float = 0.0, attention: str | None = None) -> str:
+                device: str = "cpu", runtime: float = 0.0, attention: str | None = None, parts: int = 1) -> str:
     """One line: estimated GiB per process of weights, gradients, optimizer states and activations; then the
     longest --max_seq_len that fits this device with these flags."""
     p = planner(model, cfg, mixed_precision, world, zero_stage, offload_optimizer, reference_bytes, device, runtime,
-                attention)
+                attention, parts)
     f = p.fixed
     recompute = (f"checkpointing {cfg.gradient_checkpointing_mode}"
                  + (f" every {cfg.gradient_checkpointing_every}" if cfg.gradient_checkpointing_every > 1 else "")
@@ -265,7 +272,8 @@ def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, z
     if peak is None:
         return "memory plan: " + ", ".join(parts + ["activations not estimated for this model type"])
     device_bytes = peak - f.total
-    parts.append(f"activations ~{device_bytes / GIB:.2f} GiB ({cfg.batch_size_per_gpu} x {cfg.max_seq_len} tokens, "
+    split = f" split {p.parts} ways" if p.parts > 1 else ""
+    parts.append(f"activations ~{device_bytes / GIB:.2f} GiB ({cfg.batch_size_per_gpu} x {cfg.max_seq_len} tokens{split}, "
                  f"{recompute}{', MLP tiled' if p.how.tiled else ''}{', loss in chunks' if p.how.chunked else ''})")
     host = p.host(cfg.max_seq_len)
     moved = f" (+{host / GIB:.2f} GiB of offloaded checkpoints in pinned host memory)" if host else ""
@@ -304,6 +312,11 @@ def what_raises_it(p: Planner, cfg: TrainConfig, model, lora_fixed: Fixed | None
         rows.append(("--batch_size_per_gpu=1", p.longest(rows=1)))
     if lora_fixed is not None:
         rows.append(("--lora_r=16", p.longest(fixed=lora_fixed)))
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    for n in (2, 4, 8):  # per process, on n processes (weights as now: ZeRO-3 would shard them too)
+        heads, kv = config.num_attention_heads, config.num_key_value_heads
+        if n > p.parts and heads % n == 0 and (kv % n == 0 or n % kv == 0):
+            rows.append((f"--sequence_parallel_size={n} (on {n} processes per sequence)", p.longest(parts=n)))
     return [(flag, n) for flag, n in rows if n > p.longest()]
 
 

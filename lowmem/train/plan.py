@@ -50,10 +50,9 @@ def plan_report(cfg: TrainConfig) -> str:
     name, stage, offload = sharding(accelerator)
     precision = resolve_precision(cfg)
     where = {"device": device, "runtime": baseline if device == "cpu" else 0.0,
-             "attention": getattr(model.config, "_attn_implementation", None)}
+             "attention": getattr(model.config, "_attn_implementation", None), "parts": cfg.sequence_parallel_size}
     line = memory_plan(model, cfg, precision, accelerator.num_processes, stage, offload, **where)
-    p = planner(model, cfg, precision, accelerator.num_processes, stage, offload, device=device,
-                runtime=where["runtime"], attention=where["attention"])
+    p = planner(model, cfg, precision, accelerator.num_processes, stage, offload, **where)
     with_lora = None
     if not uses_lora(cfg) and p.shape is not None:
         adapted = _meta_model(dataclasses.replace(cfg, lora_r=16), tokenizer)

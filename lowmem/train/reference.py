@@ -140,7 +140,7 @@ def ensure_caches(data, model, accelerator, channel, settings: dict, cache_dir: 
     forward passes run)."""
     rank, world, writes = (layout.data_rank, layout.data_world, layout.reports) if layout is not None else \
         (accelerator.process_index, accelerator.num_processes, True)
-    from ..data.pairs import EncodedPair, PairEncoder, collate_pairs
+    from ..data.pairs import EncodedPair, PairEncoder, collate_packed_pairs, collate_pairs
     from ..data.sources import open_dataset
 
     caches, datasets = {}, data.datasets + [d for d, _ in data.validation]
@@ -172,7 +172,11 @@ def ensure_caches(data, model, accelerator, channel, settings: dict, cache_dir: 
             rows = [int(row) for row in batches[r]] if r < len(batches) else []
             encoded = encoder.encode_many([_row(ordered.source, row) for row in rows], rows)
             usable = [e for e in encoded if isinstance(e, EncodedPair)]
-            batch = cut(collate_pairs(usable or [filler], data.pad_id, 0)).on(accelerator.device)
+            if layout is not None and layout.sequence_parallel > 1:  # a pair a row: Ulysses' one micro-batch size
+                batch = collate_packed_pairs([[(p, 0), (p, 1)] for p in usable or [filler]], data.pad_id, 0, 0)
+            else:
+                batch = collate_pairs(usable or [filler], data.pad_id, 0)
+            batch = cut(batch).on(accelerator.device)
             found = iter(reference.compute(model, batch).tolist())
             if rows and writes:
                 cache.write(rows, [tuple(next(found)) if isinstance(e, EncodedPair) else None for e in encoded])

@@ -76,7 +76,8 @@ class Session:
 
     def cut(self, batch):
         """This process's part of a batch (sequence parallelism), or the batch itself."""
-        return cut(batch, self.layout.part, self.layout.sequence_parallel, self.data.pad_id)
+        return cut(batch, self.layout.part, self.layout.sequence_parallel, self.data.pad_id,
+                   self.cfg.batch_size_per_gpu)
 
     def log(self, text: str) -> None:
         """A line above the progress bar, from the main process only."""
@@ -206,6 +207,9 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
     data = TrainData(inputs, data_options(cfg), tokenizer, is_enc_dec, layout.data_rank, world,
                      pin_memory=accelerator.device.type == "cuda", log=log)
     check_flags_apply(cfg, data.kinds)
+    if layout.sequence_parallel > 1 and data.pairs and not cfg.packing:
+        raise UserError("preference pairs under --sequence_parallel_size go in packed rows (a pair's two answers side "
+                        "by side, one micro-batch size for Ulysses): add --packing=True")
     data.check_before_training(model.get_input_embeddings().num_embeddings)
     if data.pairs:  # the reference chosen now: a frozen copy is taken of the starting weights
         objective = preference_objective(cfg, model, data, accelerator, tokenizer, _sharded(accelerator))
@@ -226,7 +230,8 @@ def _start(cfg: TrainConfig, inputs: DataInputs, accelerator, channel: HostChann
         # before any restore: the weights are still the ones training started from, the reference's
         caches, passes = ensure_caches(data, model, accelerator, channel, objective.reference.settings,
                                        cfg.reference_cache_dir, data.options, tokenizer, log, layout,
-                                       lambda batch: cut(batch, layout.part, layout.sequence_parallel, data.pad_id))
+                                       lambda batch: cut(batch, layout.part, layout.sequence_parallel, data.pad_id,
+                                                         cfg.batch_size_per_gpu))
         data.attach_references(caches)
         objective.reference.forward_passes += passes
     state = TrainState.fresh(world)

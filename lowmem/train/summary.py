@@ -63,20 +63,27 @@ def _where(s) -> dict:
     device = s.accelerator.device.type
     model = s.accelerator.unwrap_model(s.model)
     return {"device": device, "runtime": s.host_baseline if device == "cpu" else 0.0,
-            "attention": getattr(model.config, "_attn_implementation", None)}
+            "attention": getattr(model.config, "_attn_implementation", None), "parts": s.layout.sequence_parallel}
+
+
+def _plan(s, model, stage: int, offload: bool) -> str:
+    return memory_plan(model, s.cfg, str(s.accelerator.mixed_precision), s.accelerator.num_processes, stage, offload,
+                       *_reference_cost(s), **_where(s))
 
 
 def start_summary(s, warnings: list[str], notes: list[str] = ()) -> str:
     """The lines the run prints before its first step."""
     cfg, acc = s.cfg, s.accelerator
-    world, ga = acc.num_processes, cfg.gradient_accumulation_steps
+    world, ga, n = s.layout.data_world, cfg.gradient_accumulation_steps, s.layout.sequence_parallel
     model = acc.unwrap_model(s.model)
     unit = "packed rows of" if s.data.packing else "samples, up to"
     name, stage, offload = sharding(acc)
-    return (f"{model_line(s)} | devices: {world} x {acc.device.type} ({name}) | "
+    split = (f", each sequence split over {n} (Ulysses; {world} data-parallel rank{'s' if world > 1 else ''})"
+             if n > 1 else "")
+    return (f"{model_line(s)} | devices: {acc.num_processes} x {acc.device.type} ({name}{split}) | "
             f"precision: {acc.mixed_precision}{' (bf16 weights)' if cfg.bf16_weights else ''} | effective batch "
             f"{cfg.batch_size_per_gpu} x {world} x {ga} = {cfg.batch_size_per_gpu * world * ga} {unit} "
             f"{cfg.max_seq_len} tokens | {run_length(cfg, s.total_steps, s.steps_per_epoch)} | optimizer "
             f"{cfg.optimizer} | logs: {cfg.logging_dir()}\n{s.data.describe()}\n"
-            f"{memory_plan(model, cfg, str(acc.mixed_precision), world, stage, offload, *_reference_cost(s), **_where(s))}"
+            f"{_plan(s, model, stage, offload)}"
             + "".join(f"\n{note}" for note in notes) + "".join(f"\nwarning: {w}" for w in warnings))
