@@ -93,8 +93,8 @@ class TrainConfig:
         None, "MoE models: weight of the router's load-balancing loss (logged as aux_loss); None: the model's own "
         "(0.001 for Qwen3-MoE); 0: off", APPLIED, AT_LEAST_0)
     chunked_cross_entropy: Literal["auto", True, False] = setting(
-        "auto", "loss in chunks, never the whole logits; auto: wherever it applies (Llama/Qwen2/Qwen3/Mistral heads, "
-        "not with liger, ZeRO-3, MoE or T5)", APPLIED)
+        "auto", "loss in chunks, never the whole logits; auto: wherever it applies (Llama/Qwen2/Qwen3/Mistral and their "
+        "MoE kin; not with liger, T5, or a head ZeRO-3 trains)", APPLIED)
     # --- data ---
     max_seq_len: int = setting(
         128, "tokens per sample (or per packed row); longer prompts lose their start", DATA,

@@ -3,6 +3,8 @@
 #   ./start_pretrain_large.sh [NUM_GPUS] [ACCELERATE_CONFIG] [extra train flags...]
 # NUM_GPUS defaults to the GPUs nvidia-smi sees; ACCELERATE_CONFIG to multi_gpu.yaml (one GPU: single_gpu.yaml).
 # ZeRO: ./start_pretrain_large.sh 8 accelerate_configs/deepspeed_zero2.yaml (or deepspeed_zero3[_offload].yaml, fsdp.yaml).
+# Long sequences split over N GPUs each (sequence parallelism, a DeepSpeed config):
+#   SEQUENCE_PARALLEL=4 ./start_pretrain_large.sh 8 accelerate_configs/deepspeed_zero3_sp.yaml --max_seq_len=16384
 # It asks before starting only when stdin is a terminal, so it runs unattended under nohup, cron or CI.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,6 +30,19 @@ if [ ! -f "$accel_config" ]; then
   echo "error: accelerate config '$accel_config' not found; choose one in accelerate_configs/" >&2
   exit 1
 fi
+sequence_parallel=${SEQUENCE_PARALLEL:-1}
+sp_flags=()
+if [ "$sequence_parallel" != 1 ]; then
+  if ! [[ "$sequence_parallel" =~ ^[0-9]+$ ]] || [ "$sequence_parallel" -lt 1 ] || [ $((num_gpus % sequence_parallel)) -ne 0 ]; then
+    echo "error: SEQUENCE_PARALLEL=$sequence_parallel must divide the GPU count ($num_gpus)" >&2
+    exit 1
+  fi
+  if ! grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config"; then
+    echo "error: SEQUENCE_PARALLEL needs a DeepSpeed config, e.g. accelerate_configs/deepspeed_zero3_sp.yaml" >&2
+    exit 1
+  fi
+  sp_flags=(--sequence_parallel_size="$sequence_parallel")
+fi
 # a DeepSpeed config fails deep inside accelerate (a traceback) when deepspeed is missing or broken (built for
 # another torch): import it once here, seconds before a long run, and say why in one line
 if grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config" \
@@ -37,7 +52,7 @@ if grep -Eq '^distributed_type:[[:space:]]*DEEPSPEED' "$accel_config" \
 fi
 
 # the data files the preset (with any flags given here) points at must exist
-files=$(python train_low_mem.py show_config --use_large_config=True "$@" | python -c '
+files=$(python train_low_mem.py show_config --use_large_config=True ${sp_flags[@]+"${sp_flags[@]}"} "$@" | python -c '
 import json, sys
 cfg = json.load(sys.stdin)
 print(" ".join(p for p in (cfg["train_file"], cfg["validation_file"], cfg["tokenizer_dir"]) if p))')
@@ -48,10 +63,10 @@ for f in $files; do
   fi
 done
 
-echo "launching on $num_gpus GPU(s) with $accel_config"
+echo "launching on $num_gpus GPU(s) with $accel_config${sp_flags:+, each sequence split over $sequence_parallel}"
 if [ -t 0 ]; then
   read -r -p "start training? [Y/n] " answer
   case "$answer" in [nN]*) exit 0 ;; esac
 fi
 exec accelerate launch --config_file "$accel_config" --num_processes "$num_gpus" \
-  train_low_mem.py train --use_large_config=True "$@"
+  train_low_mem.py train --use_large_config=True ${sp_flags[@]+"${sp_flags[@]}"} "$@"

@@ -1,10 +1,11 @@
 """The trainer's memory plan for Qwen3-30B-A3B (48 layers, 128 experts, 8 active), built on the meta device (no
 weights are allocated), full-parameter and with LoRA, under ZeRO-3 on 8 processes and on one.
 
-    python bench/moe_memory_plan.py [--seq 2048] [--batch 1] [--world 8]
+    python bench/moe_memory_plan.py [--seq 2048] [--batch 1] [--world 8] [--sequence_parallel 1,2,4,8]
 
 Prints the parameter counts (all, active per token, trained) and lowmem.train.memory_plan's line for each setting; the
-numbers are estimates of the plan, not measurements.
+numbers are estimates of the plan, not measurements. --sequence_parallel adds, for each size N, the plan of LoRA
+r=16 and of full 8-bit training under ZeRO-3 on --world GPUs with each sequence split N ways (--seq tokens).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--sequence_parallel", default="", help="comma-separated sizes, e.g. 1,2,4,8")
     args = parser.parse_args(argv)
     import torch
 
@@ -57,6 +59,16 @@ def main(argv=None) -> int:
     for world, stage in ((args.world, 3), (1, 0)):
         where = f"ZeRO-3 on {world}" if stage else "one GPU"
         print(f"LoRA r=16, {where}: {memory_plan(peft_model, lora, 'bf16', world, stage)}")
+    for n in [int(x) for x in args.sequence_parallel.split(",") if x]:
+        sp_lora = dataclasses.replace(lora, sequence_parallel_size=n, packing=True)
+        print(f"LoRA r=16, ZeRO-3 on {args.world}, each sequence split over {n}: "
+              f"{memory_plan(peft_model, sp_lora, 'bf16', args.world, 3, parts=n)}")
+    if args.sequence_parallel:
+        full = qwen3_30b_a3b().to(torch.bfloat16)
+        for n in [int(x) for x in args.sequence_parallel.split(",") if x]:
+            sp_full = dataclasses.replace(compact, sequence_parallel_size=n, packing=True)
+            print(f"full, adamw_8bit + bf16 weights, ZeRO-3 on {args.world}, each sequence split over {n}: "
+                  f"{memory_plan(full, sp_full, 'bf16', args.world, 3, parts=n)}")
     return 0
 
 

@@ -58,6 +58,31 @@ def test_same_loss_and_gradients_without_the_logits(tie, autocast):
     assert saved_a - saved_b > logits_fp32  # at least one full fp32 copy of the logits is no longer kept
 
 
+def test_a_mixture_of_experts_keeps_its_router_logits(qwen3_moe_dir):
+    """The chunked loss on a Qwen3-MoE: the same LM loss, router loss and gradients as the model's own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.data.batches import collate_packed
+    from lowmem.data.encoding import Encoded
+    from lowmem.train.objective import TokenLoss
+
+    ids = [torch.arange(5, 30), torch.arange(40, 52)]
+    batch = collate_packed([[Encoded(i, i.clone()) for i in ids]], 0, 0, 0)
+    results = []
+    for chunked in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(qwen3_moe_dir).train()
+        objective = TokenLoss(model, False, 0.01)
+        if chunked:
+            chunked_loss.enable(model, rows=7)
+        loss, parts = objective(model, batch, torch.tensor(float(batch.loss_units)))
+        loss.backward()
+        results.append((parts["loss"].item(), parts["aux_loss"].item(),
+                        torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (loss_a, aux_a, grads_a), (loss_b, aux_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5) and aux_b == pytest.approx(aux_a, rel=1e-6) and aux_a > 0
+    torch.testing.assert_close(grads_b, grads_a, rtol=0, atol=1e-5 * grads_a.abs().max().item())
+
+
 def test_evaluation_and_generation_keep_the_full_head():
     plain, chunked = _pair(True)
     tokens = torch.randint(0, VOCAB, (1, 9))

@@ -149,12 +149,15 @@ def test_refusals(qwen3_moe_dir):
 
     with pytest.raises(UserError, match="add --gradient_checkpointing=True or drop it"):
         check_config(TrainConfig(gradient_checkpointing_offload=True))
-    with pytest.raises(UserError, match="chunked_cross_entropy=True cannot run here: it supports the heads of"):
-        apply_training_options(_moe(qwen3_moe_dir), TrainConfig(chunked_cross_entropy=True), log=lambda _: None)
-    chunked = apply_training_options(_dense(), TrainConfig(), log=lambda _: None)  # auto: on where it applies
-    assert chunked.forward.__func__.__qualname__.startswith("enable.")
-    moe = apply_training_options(_moe(qwen3_moe_dir), TrainConfig(), log=lambda _: None)  # auto: off for MoE
-    assert not hasattr(moe.forward, "__func__") or not moe.forward.__func__.__qualname__.startswith("enable.")
+    from lowmem.model import chunked_loss
+
+    with pytest.raises(UserError, match="chunked_cross_entropy=True cannot run here: ZeRO-3 shards the output weight"):
+        chunked_loss.wanted(_dense().config, TrainConfig(chunked_cross_entropy=True), zero3=True)
+    assert chunked_loss.wanted(_dense().config, TrainConfig(lora_r=8), zero3=True)  # a frozen head is gathered
+    assert not chunked_loss.wanted(_dense().config, TrainConfig(), zero3=True)  # auto: the model's own loss
+    for built in (_dense(), _moe(qwen3_moe_dir)):  # auto: on where it applies, MoE included
+        chunked = apply_training_options(built, TrainConfig(), log=lambda _: None)
+        assert chunked.forward.__func__.__qualname__.startswith("enable.")
 
 
 def test_freed_activations_go_back_to_the_os():
@@ -210,3 +213,56 @@ def test_a_long_history_keeps_its_newest_items_and_counts_the_rest(tmp_path, tok
         counts.update(row_counts)
     assert counts["history_cut"] >= 1 and counts["history_items_dropped"] >= 59 - len(kept)
     assert counts["history_cut"] == sum(bool(source.sample(0, i)["_notes"]) for i in range(60))
+
+
+def _token_file(prefix: str, n_tokens: int, vocab: int) -> str:
+    """A token file of random ids (the format `prepare tokenize` writes)."""
+    import json
+
+    import numpy as np
+
+    np.random.default_rng(0).integers(4, vocab, size=n_tokens, dtype=np.uint16).tofile(prefix + ".bin")
+    index = {"format_version": 1, "dtype": "uint16", "n_tokens": n_tokens, "n_documents": 1, "vocab_size": vocab,
+             "eos_token_id": 1, "tokenizer_dir": "", "source": "random ids (tests)", "complete": True}
+    with open(prefix + ".json", "w") as f:
+        json.dump(index, f)
+    return prefix + ".bin"
+
+
+@pytest.mark.slow
+def test_the_plans_longest_length_is_where_a_real_runs_peak_crosses_the_budget(tmp_path, tokenizer_dir):
+    """Two real runs (1024 and 4096 tokens, a model whose activations outweigh the rest): the plan printed before
+    step 1 is within 15% of each run's measured peak, and the length at which the plan reaches the longer run's
+    measured peak, the longest length it would name for a budget of that size, is within 15% of 4096."""
+    import json
+    import os
+    import re
+
+    from conftest import cli, flags, tiny_config
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lowmem.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model_dir = str(tmp_path / "model")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = _token_file(str(tmp_path / "tokens"), 3 * 4097, len(tokenizer))
+    planned, measured = {}, {}
+    for length in (1024, 4096):
+        cfg = tiny_config(tmp_path / str(length), "", {"train_file": data, "validation_file": ""},
+                          finetune_from_ckp_file=model_dir, max_seq_len=length, batch_size_per_gpu=1, max_steps=1,
+                          mixed_precision="no")
+        done = cli(["train", *flags(cfg)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        planned[length] = float(re.search(r"= ~([0-9.]+) GiB per process", done.stdout).group(1))
+        with open(os.path.join(cfg.logging_dir(), "metrics.jsonl")) as f:
+            measured[length] = [json.loads(line) for line in f][-1]["host_peak_rss_gb"]
+    for length in planned:
+        assert planned[length] == pytest.approx(measured[length], rel=0.15), (planned, measured)
+    slope = (planned[4096] - planned[1024]) / 3072  # the plan is linear in the length here (no quadratic term)
+    crossing = 1024 + (measured[4096] - planned[1024]) / slope
+    assert crossing == pytest.approx(4096, rel=0.15), (crossing, planned, measured)

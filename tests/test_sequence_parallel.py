@@ -139,11 +139,12 @@ def base_model(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_a_zero3_run_split_in_two_equals_one_process_survives_a_kill_and_resumes_unsplit(tmp_path, qa_files,
-                                                                                         base_model):
+def test_a_zero3_lora_run_split_in_two_equals_one_process_survives_a_kill_and_resumes_unsplit(tmp_path, qa_files,
+                                                                                              base_model):
     from test_resume import start, wait_for_step
 
-    common = dict(finetune_from_ckp_file=base_model, packing=True, mixed_precision="no",
+    # LoRA without dropout (the same masks): under ZeRO-3 the chunked loss gathers the frozen head
+    common = dict(finetune_from_ckp_file=base_model, packing=True, mixed_precision="no", lora_r=8, lora_dropout=0.0,
                   max_steps=6, save_steps=2, batch_size_per_gpu=4, warmup_steps=0, eval_steps=3, eval_max_batches=2)
     reference = tiny_config(tmp_path / "one", "", qa_files, **common)
     run_in_process(reference)
@@ -176,7 +177,7 @@ def test_a_zero3_run_split_in_two_equals_one_process_survives_a_kill_and_resumes
 @pytest.mark.slow
 def test_a_zero2_run_split_in_two_equals_one_process(tmp_path, qa_files, base_model):
     common = dict(finetune_from_ckp_file=base_model, packing=True, mixed_precision="no",
-                  max_steps=3, batch_size_per_gpu=4, warmup_steps=0, lora_r=8, lora_dropout=0.0)  # the same masks
+                  max_steps=3, batch_size_per_gpu=4, warmup_steps=0)
     reference = tiny_config(tmp_path / "one", "", qa_files, **common)
     run_in_process(reference)
     split = tiny_config(tmp_path / "split", "", qa_files, sequence_parallel_size=2, **common)

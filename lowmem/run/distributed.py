@@ -301,9 +301,12 @@ def check_training_options(cfg, ds: dict, source: str) -> None:
     if getattr(cfg, "use_ema", False) and ds.get("zero_optimization", {}).get("stage") == 3:
         raise UserError(f"--use_ema copies the full weights, which ZeRO-3 shards ({source}); drop --use_ema or use "
                         "ZeRO stage 2")
-    if getattr(cfg, "chunked_cross_entropy", False) is True and ds.get("zero_optimization", {}).get("stage") == 3:
-        raise UserError(f"--chunked_cross_entropy=True reads the output weight outside the layer ZeRO-3 gathers it "
-                        f"for ({source}); drop the flag (auto leaves it off under ZeRO-3) or use ZeRO stage 2")
+    trains_head = not getattr(cfg, "lora_r", 0) or {"lm_head", "embed_tokens"} & set(cfg.lora_modules_to_save)
+    if getattr(cfg, "chunked_cross_entropy", False) is True and ds.get("zero_optimization", {}).get("stage") == 3 \
+            and trains_head:
+        raise UserError(f"--chunked_cross_entropy=True computes the output weight's gradient outside the layer "
+                        f"ZeRO-3 gathers it for ({source}); drop the flag (auto leaves it off when the head trains "
+                        "under ZeRO-3), train with LoRA, or use ZeRO stage 2")
     if getattr(cfg, "auto_batch_size", False):
         raise UserError(f"--auto_batch_size probes the unsharded model on one GPU, which says nothing under DeepSpeed "
                         f"({source}); set --batch_size_per_gpu yourself")

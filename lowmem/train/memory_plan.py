@@ -74,8 +74,8 @@ def holding(hf_config, cfg: TrainConfig, mixed_precision: str, device: str = "cp
 
     half = mixed_precision in ("bf16", "fp16") or cfg.bf16_weights
     residual = weight_bytes or (2 if cfg.bf16_weights else 4)
-    chunked = cfg.chunked_cross_entropy is not False and chunked_loss.why_not(hf_config, cfg.use_liger_kernel,
-                                                                              zero3) is None
+    chunked = cfg.chunked_cross_entropy is not False and chunked_loss.why_not(
+        hf_config, cfg.use_liger_kernel, zero3, chunked_loss.head_trains(cfg)) is None
     attention = attention or cfg.attn_implementation
     lora = cfg.lora_r > 0
     return Holding(2 if half else 4, residual,
