@@ -39,6 +39,7 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "large": ModelPreset(2048, 8192, 16, 32, 8, tie_word_embeddings=False),  # ~1B
     "3b": ModelPreset(3072, 8192, 28, 24, 8, tie_word_embeddings=False),  # ~3B, Llama-3.2-3B shape
     "7b": ModelPreset(4096, 11008, 32, 32, 32, tie_word_embeddings=False),  # ~6.7B, Llama-2-7B shape
+    "8b": ModelPreset(4096, 14336, 32, 32, 8, tie_word_embeddings=False, rope_theta=500000.0),  # Llama-3-8B shape
 }
 
 

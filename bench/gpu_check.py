@@ -22,6 +22,11 @@ Parts, in order of value (--parts picks and orders them; --guard PART=SECONDS ch
                 before step 1, so it counts in the time to the first step) against DPO with --reference=model (a
                 frozen copy), and SFT on prompt + chosen at the same rows per micro-batch: time to the first step,
                 step time, tokens/s and peak memory (GPU; host RSS on CPU)
+  longctx       an 8B Llama shape (preset 8b), one sequence of 32k tokens a step: LoRA r=16 over a bf16 base, and full
+                fine-tuning with 8-bit states, bf16 weights and checkpoint offload (DeepSpeed's engine, and transformers'
+                with deepspeed hidden); tokens/s, peak GPU memory, and the memory plan's peak and longest length
+                (targets on 80 GB: LoRA >= 500K, full >= 128K, read from the plan the run printed); SP=2 (LoRA, ZeRO-3)
+                when the machine has 2 GPUs
   gpu_tests     python -m pytest -q tests -k "gpu and not gpu_check" (the tests that skip on CPU)
   graph_breaks  torch._dynamo.explain of the training forward (the call lowmem/train/objective.py makes) with and without the
                 chunked loss, checkpointing and packed position ids (FlexAttention on CUDA); graphs built over
@@ -49,16 +54,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 from benchlib import REPO, RESULT_TAG, fmt  # noqa: E402
 
-PARTS = ("1b", "packed", "7b", "lora7b", "qlora7b", "preference", "gpu_tests", "graph_breaks")
+PARTS = ("1b", "packed", "7b", "lora7b", "qlora7b", "preference", "longctx", "gpu_tests", "graph_breaks")
 # seconds; the parts before gpu_tests add up to the default --budget, the last two take whatever is left of it
 # (graph_breaks is also measured on CPU). qlora7b quantises a 7B base built on the host: 60 s may be tight
-GUARDS = {"1b": 145, "packed": 100, "7b": 60, "lora7b": 50, "qlora7b": 55, "preference": 60, "gpu_tests": 470,
-          "graph_breaks": 470}  # 470 s in all: an 8-minute call keeps 10 s for start-up and the report
-CPU_GUARDS = {"1b": 120, "packed": 120, "7b": 90, "lora7b": 90, "qlora7b": 60, "preference": 120, "gpu_tests": 60,
-              "graph_breaks": 90}  # a loaded 2-core CPU
+GUARDS = {"1b": 145, "packed": 100, "7b": 60, "lora7b": 50, "qlora7b": 55, "preference": 60, "longctx": 180,
+          "gpu_tests": 470, "graph_breaks": 470}  # 650 s in all: pick parts (--parts) to fit one call
+CPU_GUARDS = {"1b": 120, "packed": 120, "7b": 90, "lora7b": 90, "qlora7b": 60, "preference": 120, "longctx": 90,
+              "gpu_tests": 60, "graph_breaks": 90}  # a loaded 2-core CPU
 TARGETS = {"1b_vs_hf_compile": 1.1, "1b_mfu": 0.55, "packed_vs_hf": 1.5, "packed_vs_flatten": 1.0,
            "7b_tokens_per_sec": 9000, "7b_gpu_gib": 45, "7b_rss_gib": 32, "7b_first_step_s": 60,
-           "lora7b_gpu_gib": 20, "qlora7b_gpu_gib": 12, "dpo_cache_vs_model": 1.25, "dpo_cache_vs_sft_memory": 1.10}
+           "lora7b_gpu_gib": 20, "qlora7b_gpu_gib": 12, "dpo_cache_vs_model": 1.25, "dpo_cache_vs_sft_memory": 1.10,
+           "longctx_lora_tokens": 500_000, "longctx_full_tokens": 128_000}
 GPU_TEST_FILTER = "gpu and not gpu_check"  # -k also matches module names: this file's own test is CPU-sized
 
 
@@ -86,12 +92,16 @@ class Shapes:
     preset_pref: str = "medium"
     pairs: int = 256
     mb_pref: int = 4  # pairs per micro-batch: 2 x 4 rows
+    preset_long: str = "8b"
+    seq_long: int = 32768
+    optim_long: tuple = ("--optimizer=adamw_8bit", "--bf16_weights=True")
     min_run_s: float = 20.0
 
 
 CPU_SHAPES = Shapes(preset_1b="tiny", mbs_1b=(2, 1), seq=64, vocab=2048, warmup=1, steps=2, preset_packed="tiny",
                     rows=2, lengths=(8, 60), samples=300, preset_7b="tiny", mb_7b=2, records_7b=3, min_run_s=2.0,
-                    lora_gpu_gb=0.0, preset_pref="tiny", pairs=16, mb_pref=2,
+                    lora_gpu_gb=0.0, preset_pref="tiny", pairs=16, mb_pref=2, preset_long="tiny", seq_long=256,
+                    optim_long=("--optimizer=adamw",),
                     # torchao compiles its 8-bit step on first use: 40 s on a 2-core CPU, so CPU mode checks the rest
                     optim_7b=("--optimizer=adamw", "--bf16_weights=False"))
 
@@ -328,14 +338,16 @@ def part_7b(check, deadline: float) -> dict:
     return {"runs": [result], "table": md_table(header, [row]), "targets": checks}
 
 
-def trainer_run(check, name: str, flags: list[str], deadline: float) -> dict:
+def trainer_run(check, name: str, flags: list[str], deadline: float, seq: int = 0, launcher: list[str] = (),
+                env: dict | None = None) -> dict:
     """`python train_low_mem.py train` on the bench's token file, killed once records_7b steps are logged."""
     from config import TrainConfig
 
     s, run_name = check.shapes, f"gpu_check_{name}"
     run_dir = os.path.join(check.workdir, f"run_{name}_{time.time_ns()}")
     metrics = os.path.join(TrainConfig(run_name=run_name, output_dir=run_dir).logging_dir(), "metrics.jsonl")
-    cmd = [sys.executable, os.path.join(REPO, "train_low_mem.py"), "train", *flags, f"--max_seq_len={s.seq}",
+    cmd = [*(launcher or [sys.executable]), os.path.join(REPO, "train_low_mem.py"), "train", *flags,
+           f"--max_seq_len={seq or s.seq}",
            f"--train_file={check.windows}", f"--tokenizer_dir={check.tokenizer}", "--validation_file=",
            "--test_file=", "--max_steps=1000", "--warmup_steps=10", "--learn_rate=1e-4", "--logging_steps=1",
            "--eval_steps=100000", "--save_steps=100000", "--report_to=none", f"--output_dir={run_dir}",
@@ -345,7 +357,7 @@ def trainer_run(check, name: str, flags: list[str], deadline: float) -> dict:
         return {"ok": False, "skipped": True, "error": f"time guard: {left:.0f}s left", "command": cmd}
     print(f"[{check.elapsed():5.0f}s] {name}: the trainer's own command line", flush=True)
     log = os.path.join(check.args.out, f"gpu_check_{name}.log")
-    return dict(watch_training(cmd, metrics, s.records_7b, left, log), command=cmd, log=log)
+    return dict(watch_training(cmd, metrics, s.records_7b, left, log, env), command=cmd, log=log)
 
 
 def _run_columns(result: dict) -> list[str]:
@@ -355,12 +367,13 @@ def _run_columns(result: dict) -> list[str]:
             fmt(result.get("host_peak_rss_gib"), ".1f"), str(result.get("records", 0))]
 
 
-def watch_training(cmd: list[str], metrics_path: str, records: int, timeout: float, log_path: str) -> dict:
+def watch_training(cmd: list[str], metrics_path: str, records: int, timeout: float, log_path: str,
+                   env: dict | None = None) -> dict:
     """Start a training, poll its metrics.jsonl, host RSS high-water mark and GPU use; kill it after `records` steps."""
     print(f"    $ {' '.join(cmd)}", flush=True)
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env or _child_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         rss, gpu_used, steps = 0.0, None, []
         while proc.poll() is None and time.time() - start < timeout and len(steps) < records:
@@ -563,14 +576,15 @@ def _peak_memory(result: dict):
 # ----------------------------------------------------------------------------------------------
 # part 7: graph breaks of the training forward under torch.compile
 # ----------------------------------------------------------------------------------------------
+PLAIN = {"chunked_cross_entropy": False}  # the model's own loss, so a row shows its own option's breaks alone
 GRAPH_CONFIGS = [  # (name, TrainConfig fields, packed position ids, count graphs over several widths)
-    ("token windows (mask of ones)", {}, False, False),
+    ("token windows (mask of ones)", PLAIN, False, False),
     ("--chunked_cross_entropy", {"chunked_cross_entropy": True}, False, True),
-    ("--packing", {"packing": True}, True, True),
-    ("--gradient_checkpointing (full)", {"gradient_checkpointing": True}, False, False),
-    ("--gradient_checkpointing selective", {"gradient_checkpointing": True, "gradient_checkpointing_mode": "selective"},
-     False, False),
-    ("--packing --attn_implementation=sdpa", {"packing": True, "attn_implementation": "sdpa"}, True, True),
+    ("--packing", {"packing": True, **PLAIN}, True, True),
+    ("--gradient_checkpointing (full)", {"gradient_checkpointing": True, **PLAIN}, False, False),
+    ("--gradient_checkpointing selective", {"gradient_checkpointing": True, "gradient_checkpointing_mode": "selective",
+                                            **PLAIN}, False, False),
+    ("--packing --attn_implementation=sdpa", {"packing": True, "attn_implementation": "sdpa", **PLAIN}, True, True),
     ("--packing --chunked_cross_entropy --gradient_checkpointing",
      {"packing": True, "chunked_cross_entropy": True, "gradient_checkpointing": True}, True, True),
 ]
@@ -696,6 +710,75 @@ def _short_path(path: str) -> str:
     if path.startswith(REPO):
         return os.path.relpath(path, REPO)
     return path.split("site-packages/")[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# part 7: long sequences on one GPU (and two, when there are two)
+# ----------------------------------------------------------------------------------------------
+def _without_deepspeed(folder: str) -> dict:
+    """An environment in which `import deepspeed` fails: the trainer falls back to transformers' offload engine."""
+    stub = os.path.join(folder, "no_deepspeed", "deepspeed")
+    os.makedirs(stub, exist_ok=True)
+    with open(os.path.join(stub, "__init__.py"), "w") as f:
+        f.write("raise ImportError('hidden by gpu_check: transformers offload engine')\n")
+    env = _child_env()
+    env["PYTHONPATH"] = os.path.dirname(stub) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _plan_from_log(result: dict) -> dict:
+    """The memory plan's peak and longest length, as the run printed them before its first step."""
+    import re
+
+    if not os.path.isfile(result.get("log", "")):
+        return {}
+    with open(result["log"], errors="replace") as f:
+        text = f.read()
+    peak = re.search(r"= ~([0-9.]+) GiB per process", text)
+    longest = re.search(r"longest --max_seq_len that fits [^:]*: (\d+)", text)
+    engine = "deepspeed" if "(DeepSpeed, side stream)" in text else "transformers" if "save_on_cpu" in text else None
+    return {"plan_gib": float(peak.group(1)) if peak else None, "plan_longest": int(longest.group(1)) if longest
+            else None, "offload_engine": engine}
+
+
+def part_longctx(check, deadline: float) -> dict:
+    s = check.shapes
+    common = [f"--model_preset={s.preset_long}", "--gradient_checkpointing=True", "--batch_size_per_gpu=1",
+              "--gradient_accumulation_steps=1"]
+    lora = ["--lora_r=16", "--lora_alpha=32"]
+    full = [*s.optim_long, "--gradient_checkpointing_offload=True"]
+    runs = [("LoRA r=16", "longctx_lora", lora, None, TARGETS["longctx_lora_tokens"]),
+            ("full, 8-bit states, offload", "longctx_full", full, None, TARGETS["longctx_full_tokens"])]
+    if check.device == "cuda":  # the other offload engine on the same run
+        runs.append(("full, offload by transformers", "longctx_full_hf", full, _without_deepspeed(check.workdir), None))
+    rows, checks, results = [], [], []
+    for label, name, flags, env, target in runs:
+        result = dict(trainer_run(check, name, [*common, *flags], deadline, seq=s.seq_long, env=env), label=label)
+        result.update(_plan_from_log(result))
+        results.append(result)
+        rows.append([label, str(s.seq_long), fmt(result.get("tokens_per_sec"), ",.0f"),
+                     fmt(result.get("gpu_peak_gib"), ".1f"), fmt(result.get("host_peak_rss_gib"), ".1f"),
+                     fmt(result.get("plan_gib"), ".1f"), fmt(result.get("plan_longest"), ",d"),
+                     result.get("offload_engine") or "-", status(result)])
+        if target:
+            longest = result.get("plan_longest")
+            checks.append(_target(f"{label}: longest length on this GPU (the plan's)", fmt(longest, ",d"),
+                                  f">= {target:,}", longest if check.device == "cuda" else None, target))
+    import torch
+
+    if check.device == "cuda" and torch.cuda.device_count() >= 2:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    os.path.join(REPO, "accelerate_configs", "deepspeed_zero3.yaml"), "--num_processes", "2"]
+        result = dict(trainer_run(check, "longctx_sp2", [*common, *lora, "--sequence_parallel_size=2"], deadline,
+                                  seq=2 * s.seq_long, launcher=launcher), label="LoRA r=16, SP=2, ZeRO-3")
+        result.update(_plan_from_log(result))
+        results.append(result)
+        rows.append([result["label"], str(2 * s.seq_long), fmt(result.get("tokens_per_sec"), ",.0f"),
+                     fmt(result.get("gpu_peak_gib"), ".1f"), fmt(result.get("host_peak_rss_gib"), ".1f"),
+                     fmt(result.get("plan_gib"), ".1f"), fmt(result.get("plan_longest"), ",d"), "-", status(result)])
+    header = ["run", "tokens", "tokens/s", "peak GPU alloc GiB", "host peak RSS GiB", "plan GiB", "plan longest",
+              "offload engine", "status"]
+    return {"runs": results, "table": md_table(header, rows), "targets": checks}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1020,7 +1103,8 @@ def main(argv=None) -> int:
           " | ".join(f"{k} {v}" for k, v in check.report["environment"].items()), flush=True)
     check.prepare_assets()
     functions = {"1b": part_1b, "packed": part_packed, "7b": part_7b, "lora7b": part_lora7b, "qlora7b": part_qlora7b,
-                 "preference": part_preference, "graph_breaks": part_graph_breaks, "gpu_tests": part_gpu_tests}
+                 "preference": part_preference, "longctx": part_longctx, "graph_breaks": part_graph_breaks,
+                 "gpu_tests": part_gpu_tests}
     for name in args.parts:
         check.run_part(name, functions[name])
     print("\n" + targets_table(check.report), flush=True)

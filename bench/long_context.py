@@ -18,6 +18,10 @@ host_peak_rss_gb; for TRL, read in its step-end callback): training's peak, not 
   lowmem_offload  lowmem + --gradient_checkpointing_offload=True (a no-op without a GPU: skipped there)
   trl             TRL's SFTTrainer with its defaults (bf16, gradient checkpointing, its chunked loss) and the same
                   LoRA (`pip install trl` for this bench only; never a dependency)
+  lowmem_sp1      lowmem in fp32 on a variant with 8 attention heads of 72 (2 key/value heads; SmolLM2's 9 heads do not
+                  split in two), one process
+  lowmem_sp2      the same on 2 processes splitting each sequence (--sequence_parallel_size=2, DeepSpeed ZeRO-2 over
+                  gloo): the peak is one process's (rank 0's), the step time the group's
 The cap: each probe runs in a memory cgroup limited to --cap_gib (cgroup v1 or v2, needs root); the longest length
 of --cap_lengths whose one step completes is reported per run.
 """
@@ -41,10 +45,12 @@ SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num
              tie_word_embeddings=True, rope_theta=100000.0)
 RUNS = {"lowmem": ["--mixed_precision=bf16"], "lowmem_fp32": ["--mixed_precision=no"],
         "lowmem_tiled": ["--mixed_precision=bf16", "--tiled_mlp=True"],
-        "lowmem_offload": ["--mixed_precision=bf16", "--gradient_checkpointing_offload=True"]}
+        "lowmem_offload": ["--mixed_precision=bf16", "--gradient_checkpointing_offload=True"],
+        "lowmem_sp1": ["--mixed_precision=no"], "lowmem_sp2": ["--mixed_precision=no", "--sequence_parallel_size=2"]}
+SPLIT_SHAPE = dict(SHAPE, num_attention_heads=8, num_key_value_heads=2, head_dim=72)
 
 
-def make_model(folder: str, tokenizer_dir: str, layers: int, max_len: int) -> str:
+def make_model(folder: str, tokenizer_dir: str, layers: int, max_len: int, shape: dict = SHAPE) -> str:
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     import torch
@@ -53,7 +59,7 @@ def make_model(folder: str, tokenizer_dir: str, layers: int, max_len: int) -> st
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=layers, max_position_embeddings=max(max_len, 8192),
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPE)
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -114,9 +120,12 @@ def run_lowmem(name: str, args, model: str, length: int, data: str, cap_gib: flo
              f"--max_steps={args.warmup + 1}", "--logging_steps=1", "--save_steps=100000", "--report_to=none",
              "--warmup_steps=0", "--learn_rate=1e-4", "--lora_r=16", "--gradient_checkpointing=True",
              "--packing=True", "--overwrite_output_dir=True", *RUNS[name]]
+    launcher = [sys.executable]
+    if name == "lowmem_sp2":
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml"), "--num_processes", "2"]
     started = time.time()
-    status, output, peak = _run([sys.executable, os.path.join(REPO, "train_low_mem.py"), "train", *flags], cap_gib,
-                                name)
+    status, output, peak = _run([*launcher, os.path.join(REPO, "train_low_mem.py"), "train", *flags], cap_gib, name)
     row = {"run": name, "length": length, "peak_rss_gib": peak, "wall_s": time.time() - started,
            "flags": " ".join(RUNS[name])}
     plan = re.search(r"= ~([0-9.]+) GiB per process", output)
@@ -175,8 +184,18 @@ def run_trl(args, model: str, length: int, data: str, cap_gib: float | None = No
     return row
 
 
+def _one_step(args):
+    """The same settings with no warm-up step: a cap probe needs one step to succeed."""
+    probe = argparse.Namespace(**vars(args))
+    probe.warmup = 0
+    return probe
+
+
 def measure(name: str, args, model: str, length: int, cap_gib: float | None = None) -> dict:
     data = make_data(args.work, length, args.warmup + 1)
+    if name.startswith("lowmem_sp"):  # 8 heads: a split in two
+        model = make_model(os.path.join(args.work, f"smollm2_135m_8heads_{args.layers}"), args.tokenizer, args.layers,
+                           32768, SPLIT_SHAPE)
     if name == "trl":
         return run_trl(args, model, length, data, cap_gib)
     return run_lowmem(name, args, model, length, data, cap_gib)
@@ -189,14 +208,15 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cap_gib", type=float, default=0.0, help="also find the longest length under this cap")
-    parser.add_argument("--cap_lengths", default="lowmem:8192,12288,16384;trl:4096,6144,8192",
-                        help="run:lengths;run:lengths tried in order under the cap (stops at the first failure)")
+    parser.add_argument("--cap_lengths", default="lowmem:16384;trl:4096,6144,8192",
+                        help="run:lengths;run:lengths tried in order under the cap, one step each (stops at the "
+                             "first failure)")
     parser.add_argument("--work", default="/tmp/bench_long_context")
     parser.add_argument("--json_out", default="")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     lengths = [int(x) for x in args.lengths.split(",") if x]
-    tokenizer = benchlib.make_tokenizer(os.path.join(args.work, f"tokenizer{VOCAB}"), VOCAB)
+    tokenizer = args.tokenizer = benchlib.make_tokenizer(os.path.join(args.work, f"tokenizer{VOCAB}"), VOCAB)
     model = make_model(os.path.join(args.work, f"smollm2_135m_shape_{args.layers}"), tokenizer, args.layers,
                        max(lengths + [32768]))
     import torch
@@ -224,7 +244,7 @@ def main(argv=None) -> int:
             name, listed = part.split(":")
             capped[name] = None
             for length in [int(x) for x in listed.split(",")]:
-                row = measure(name, args, model, length, args.cap_gib)
+                row = measure(name, _one_step(args), model, length, args.cap_gib)
                 print(json.dumps({"cap_gib": args.cap_gib, **row}), flush=True)
                 if "error" in row:
                     break

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
-PARTS = ["1b", "packed", "7b", "lora7b", "qlora7b", "preference", "graph_breaks"]
+PARTS = ["1b", "packed", "7b", "lora7b", "qlora7b", "preference", "longctx", "graph_breaks"]
 
 
 def _run(*args, timeout=1800):
@@ -83,6 +83,12 @@ def test_cpu_mode_reports_every_part_column_and_target(tmp_path):
         lines = [line for line in f.read().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --qlora=True cannot run here: it needs a CUDA GPU"), lines
     assert "| 7B QLoRA | 2 |" in md and "refused on CPU as expected: error: --qlora=True cannot run here" in md
+
+    longctx = parts["longctx"]
+    assert [r["ok"] for r in longctx["runs"]] == [True, True], longctx["runs"]
+    assert all(r["plan_gib"] and r["plan_longest"] for r in longctx["runs"])  # read from what each run printed
+    for column in ("plan GiB", "plan longest", "offload engine"):
+        assert column in longctx["table"], column
 
     preference = parts["preference"]
     cache, model, sft = preference["runs"]

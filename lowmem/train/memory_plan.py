@@ -23,6 +23,10 @@ from config import TrainConfig
 GIB = 2**30
 STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "adamw_4bit": 1, "adafactor": 0.1}  # per trained parameter
 LONGEST = 1 << 22  # the search for the longest length stops at 4M tokens
+# What a CPU process computing in bf16 holds beyond its tensors (kernel workspace, allocator reuse): measured on a
+# 135M model at 2k-16k tokens as a constant ~0.15 GiB above the sum of the rest; fp32 runs need none
+# (bench/long_context.py, bench/RESULTS.md)
+HALF_PRECISION_HOST_SLACK = 0.15 * GIB
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,14 @@ def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1, parts: i
     whole = (block + mlp) * tokens  # a block that keeps everything (no checkpointing)
     host = 0.0
     if how.checkpointing is None:
-        body = layers * whole
+        body = layers * whole + 2 * a * width * mlp_tokens  # the last block's backward makes its gradients too
     else:
         checkpointed = len(range(0, layers, how.every))
         kept = r * h if how.checkpointing == "full" else r * h + a * (h + 2 * kv) + 3 * a * h + 2 * a * width
         on_host = checkpointed - 1 if how.offload else 0  # the newest stays on the device for the first backward
         host = on_host * kept * tokens
-        body = (checkpointed - on_host) * kept * tokens + (layers - checkpointed) * whole + rebuilt
+        # the rebuilt block's own kept part is among the checkpointed ones already
+        body = (checkpointed - on_host) * kept * tokens + (layers - checkpointed) * whole + rebuilt - kept * tokens
     in_flight = 2 * r * h * tokens  # the gradient coming in and the one going out of a block
     if how.chunked:
         from ..model.chunked_loss import chunk_rows
@@ -244,6 +249,8 @@ def planner(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_
             runtime: float = 0.0, attention: str | None = None, parts: int = 1) -> Planner:
     embeddings = model.get_input_embeddings().weight
     how = holding(model.config, cfg, mixed_precision, device, zero_stage == 3, attention, embeddings.element_size())
+    if device == "cpu" and how.matmul_bytes == 2:
+        runtime += HALF_PRECISION_HOST_SLACK
     fixed = fixed_bytes(model, cfg, mixed_precision, world, zero_stage, offload_optimizer, reference_bytes, runtime)
     budget, name = budget_bytes(device, cfg.max_gpu_memory_gb)
     return Planner(decoder_shape(model.config), how, fixed, cfg.batch_size_per_gpu, budget, name, parts)
