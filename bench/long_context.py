@@ -19,7 +19,7 @@ host_peak_rss_gb; for TRL, read in its step-end callback): training's peak, not 
   trl             TRL's SFTTrainer with its defaults (bf16, gradient checkpointing, its chunked loss) and the same
                   LoRA (`pip install trl` for this bench only; never a dependency)
   lowmem_sp1      lowmem in fp32 on a variant with 8 attention heads of 72 (2 key/value heads; SmolLM2's 9 heads do not
-                  split in two), one process
+                  split in two) and --sp_layers layers (8: two CPU processes at 16k take long), one process
   lowmem_sp2      the same on 2 processes splitting each sequence (--sequence_parallel_size=2, DeepSpeed ZeRO-2 over
                   gloo): the peak is one process's (rank 0's), the step time the group's
 The cap: each probe runs in a memory cgroup limited to --cap_gib (cgroup v1 or v2, needs root); the longest length
@@ -194,8 +194,8 @@ def _one_step(args):
 def measure(name: str, args, model: str, length: int, cap_gib: float | None = None) -> dict:
     data = make_data(args.work, length, args.warmup + 1)
     if name.startswith("lowmem_sp"):  # 8 heads: a split in two
-        model = make_model(os.path.join(args.work, f"smollm2_135m_8heads_{args.layers}"), args.tokenizer, args.layers,
-                           32768, SPLIT_SHAPE)
+        model = make_model(os.path.join(args.work, f"smollm2_135m_8heads_{args.sp_layers}"), args.tokenizer,
+                           args.sp_layers, 32768, SPLIT_SHAPE)
     if name == "trl":
         return run_trl(args, model, length, data, cap_gib)
     return run_lowmem(name, args, model, length, data, cap_gib)
@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="2048,8192,16384")
     parser.add_argument("--runs", default="lowmem,lowmem_tiled,trl")
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--sp_layers", type=int, default=8, help="layers of the lowmem_sp* model (8 heads)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cap_gib", type=float, default=0.0, help="also find the longest length under this cap")
     parser.add_argument("--cap_lengths", default="lowmem:16384;trl:4096,6144,8192",

@@ -17,6 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+GPU = {"device": "cuda", "budget": (80 * 2**30, "an 80 GiB GPU")}  # planned for an H100 from any machine
+
+
 def qwen3_30b_a3b():
     """Qwen3-30B-A3B's shape (its published config.json), as a model on the meta device."""
     import torch
@@ -62,13 +65,13 @@ def main(argv=None) -> int:
     for n in [int(x) for x in args.sequence_parallel.split(",") if x]:
         sp_lora = dataclasses.replace(lora, sequence_parallel_size=n, packing=True)
         print(f"LoRA r=16, ZeRO-3 on {args.world}, each sequence split over {n}: "
-              f"{memory_plan(peft_model, sp_lora, 'bf16', args.world, 3, parts=n)}")
+              f"{memory_plan(peft_model, sp_lora, 'bf16', args.world, 3, parts=n, **GPU)}")
     if args.sequence_parallel:
         full = qwen3_30b_a3b().to(torch.bfloat16)
         for n in [int(x) for x in args.sequence_parallel.split(",") if x]:
             sp_full = dataclasses.replace(compact, sequence_parallel_size=n, packing=True)
             print(f"full, adamw_8bit + bf16 weights, ZeRO-3 on {args.world}, each sequence split over {n}: "
-                  f"{memory_plan(full, sp_full, 'bf16', args.world, 3, parts=n)}")
+                  f"{memory_plan(full, sp_full, 'bf16', args.world, 3, parts=n, **GPU)}")
     return 0
 
 

@@ -33,6 +33,7 @@ SKIPPED = {  # the start of a command -> why it cannot run here
     "sbatch": "needs a Slurm cluster (tests/test_run_safety.py runs the script with stand-ins)",
     "tensorboard": "starts a server",
     "python train_low_mem.py train --run_name=qwen_lora": "needs a downloaded Qwen model in /models",
+    "accelerate launch --config_file accelerate_configs/deepspeed_zero3_sp.yaml": "needs 8 GPUs and Qwen3-30B-A3B",
 }
 TINY = {"--max_steps": "3", "--warmup_steps": "1", "--model_preset": "tiny", "--save_steps": "2", "--eval_steps": "2",
         "--logging_steps": "1", "--test_generation_samples": "3", "--batch_size_per_gpu": "4"}

@@ -68,6 +68,7 @@ class Holding:
     eager: bool
     lora_dropout: bool
     head_trains: bool
+    head_gathered: bool = False  # ZeRO-3: the chunked loss holds the whole (frozen) output weight while it runs
 
 
 def holding(hf_config, cfg: TrainConfig, mixed_precision: str, device: str = "cpu", zero3: bool = False,
@@ -88,7 +89,7 @@ def holding(hf_config, cfg: TrainConfig, mixed_precision: str, device: str = "cp
                    cfg.gradient_checkpointing and cfg.gradient_checkpointing_offload and device == "cuda"
                    and offload.choose(replace(cfg, gradient_checkpointing=True)) != "host",
                    cfg.packing and attention == "sdpa", attention == "eager", lora and cfg.lora_dropout > 0,
-                   not lora and not cfg.freeze_embeddings or "lm_head" in cfg.lora_modules_to_save)
+                   not lora and not cfg.freeze_embeddings or "lm_head" in cfg.lora_modules_to_save, zero3 and chunked)
 
 
 def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1, parts: int = 1) -> tuple[float, float]:
@@ -125,6 +126,7 @@ def activations(shape: Shape, how: Holding, tokens: int, rows: int = 1, parts: i
 
         chunk = min(tokens, chunk_rows(shape.vocab))
         head = 2 * r * h * tokens + chunk * shape.vocab * 8 + (shape.vocab * h * 4 if how.head_trains else 0)
+        head += shape.vocab * h * r if how.head_gathered else 0
     else:
         head = tokens * shape.vocab * (a + 4 + 4)  # logits, their fp32 copy and the log-softmax
     per_row = tokens / max(rows, 1)
@@ -246,23 +248,26 @@ class Planner:
 
 def planner(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
             offload_optimizer: bool = False, reference_bytes: float = 0.0, device: str = "cpu",
-            runtime: float = 0.0, attention: str | None = None, parts: int = 1) -> Planner:
+            runtime: float = 0.0, attention: str | None = None, parts: int = 1,
+            budget: tuple[float, str] | None = None) -> Planner:
+    """`budget`: (bytes, what they are) to plan against instead of this machine's (a GPU plan made elsewhere)."""
     embeddings = model.get_input_embeddings().weight
     how = holding(model.config, cfg, mixed_precision, device, zero_stage == 3, attention, embeddings.element_size())
     if device == "cpu" and how.matmul_bytes == 2:
         runtime += HALF_PRECISION_HOST_SLACK
     fixed = fixed_bytes(model, cfg, mixed_precision, world, zero_stage, offload_optimizer, reference_bytes, runtime)
-    budget, name = budget_bytes(device, cfg.max_gpu_memory_gb)
+    budget, name = budget or budget_bytes(device, cfg.max_gpu_memory_gb)
     return Planner(decoder_shape(model.config), how, fixed, cfg.batch_size_per_gpu, budget, name, parts)
 
 
 def memory_plan(model, cfg: TrainConfig, mixed_precision: str, world: int = 1, zero_stage: int = 0,
                 offload_optimizer: bool = False, reference: str | None = None, reference_bytes: float = 0.0,
-                device: str = "cpu", runtime: float = 0.0, attention: str | None = None, parts: int = 1) -> str:
+                device: str = "cpu", runtime: float = 0.0, attention: str | None = None, parts: int = 1,
+                budget: tuple[float, str] | None = None) -> str:
     """One line: estimated GiB per process of weights, gradients, optimizer states and activations; then the
     longest --max_seq_len that fits this device with these flags."""
     p = planner(model, cfg, mixed_precision, world, zero_stage, offload_optimizer, reference_bytes, device, runtime,
-                attention, parts)
+                attention, parts, budget)
     f = p.fixed
     recompute = (f"checkpointing {cfg.gradient_checkpointing_mode}"
                  + (f" every {cfg.gradient_checkpointing_every}" if cfg.gradient_checkpointing_every > 1 else "")
